@@ -1,0 +1,268 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Model configuration read from a checkpoint's ``config.json``.
+
+Dimple's ``config.json`` (``model_type`` ``"dimple"``) holds the Dream/Qwen2 decoder fields at the top level
+and the Qwen2.5-VL vision tower under ``vision_config``. A Dream text-only checkpoint (``model_type``
+``"Dream"``) has the same decoder fields and no vision tower. Values are validated on creation so that a bad
+checkpoint fails here, with the field named, rather than as a shape error deep inside a forward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SUPPORTED_MODEL_TYPES = ("dimple", "Dream")
+
+
+class ConfigError(ValueError):
+    """A config.json that cannot describe a model we can run."""
+
+
+def _check_positive(obj: object, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"{type(obj).__name__}.{name} must be a positive integer, got {value!r}")
+
+
+def _known_fields(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in data.items() if k in names}
+
+
+@dataclass
+class VisionConfig:
+    """The Qwen2.5-VL vision tower (``visual``) of Dimple; defaults are Dimple-7B's values."""
+
+    depth: int = 32
+    """Number of transformer blocks."""
+    hidden_size: int = 1280
+    """Width of the vision transformer."""
+    num_heads: int = 16
+    """Attention heads per block (head_dim = hidden_size / num_heads, 80 for Dimple-7B)."""
+    intermediate_size: int = 3420
+    """Width of the gated SiLU MLP."""
+    hidden_act: str = "silu"
+    """Activation of the gated MLP; Qwen2.5-VL uses SiLU."""
+    in_channels: int = 3
+    """Image channels."""
+    patch_size: int = 14
+    """Spatial patch side in pixels."""
+    temporal_patch_size: int = 2
+    """Frames per patch; a still image is tiled to this many frames."""
+    spatial_merge_size: int = 2
+    """Side of the square of patches merged into one LLM token."""
+    window_size: int = 112
+    """Window side in pixels for windowed attention blocks."""
+    fullatt_block_indexes: list[int] = field(default_factory=lambda: [7, 15, 23, 31])
+    """Blocks that attend over the whole image instead of a window."""
+    out_hidden_size: int = 3584
+    """Output width of the merger (the LLM hidden size)."""
+    rms_norm_eps: float = 1e-6
+    """Epsilon of the blocks' and the merger's RMSNorm."""
+
+    def __post_init__(self) -> None:
+        _check_positive(
+            self,
+            "depth",
+            "hidden_size",
+            "num_heads",
+            "intermediate_size",
+            "in_channels",
+            "patch_size",
+            "temporal_patch_size",
+            "spatial_merge_size",
+            "window_size",
+            "out_hidden_size",
+        )
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"vision_config.hidden_size ({self.hidden_size}) must be a multiple of num_heads ({self.num_heads})"
+            )
+        if (self.hidden_size // self.num_heads) % 4:
+            raise ConfigError("vision_config head_dim must be a multiple of 4 (2-D rotary over row and column)")
+        if self.hidden_act != "silu":
+            raise ConfigError(f"vision_config.hidden_act must be 'silu', got {self.hidden_act!r}")
+        bad = [i for i in self.fullatt_block_indexes if not 0 <= i < self.depth]
+        if bad:
+            raise ConfigError(f"vision_config.fullatt_block_indexes {bad} are outside [0, depth={self.depth})")
+        if self.window_size % (self.patch_size * self.spatial_merge_size):
+            raise ConfigError(
+                "vision_config.window_size must be a multiple of patch_size * spatial_merge_size "
+                f"({self.patch_size * self.spatial_merge_size}), got {self.window_size}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:
+        """Length of one flattened patch row of ``pixel_values`` (1176 for Dimple-7B)."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size * self.patch_size
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> VisionConfig:
+        data = dict(data)
+        if "in_chans" in data and "in_channels" not in data:
+            data["in_channels"] = data["in_chans"]
+        return cls(**_known_fields(cls, data))
+
+
+@dataclass
+class DimpleConfig:
+    """Decoder (Dream / Qwen2) fields plus the optional vision tower; defaults are Dimple-7B's values."""
+
+    model_type: str = "dimple"
+    """``"dimple"`` (decoder + vision tower) or ``"Dream"`` (decoder only)."""
+    vocab_size: int = 152064
+    """Rows of the embedding and the LM head."""
+    hidden_size: int = 3584
+    """Decoder width."""
+    intermediate_size: int = 18944
+    """Width of the decoder's gated SiLU MLP."""
+    num_hidden_layers: int = 28
+    """Decoder layers."""
+    num_attention_heads: int = 28
+    """Query heads."""
+    num_key_value_heads: int = 4
+    """Key/value heads (GQA)."""
+    hidden_act: str = "silu"
+    """Decoder MLP activation."""
+    max_position_embeddings: int = 131072
+    """Longest sequence the model accepts (prompt + canvas)."""
+    rms_norm_eps: float = 1e-6
+    """RMSNorm epsilon."""
+    rope_theta: float = 1_000_000.0
+    """RoPE base."""
+    rope_scaling: dict[str, Any] | None = None
+    """Only ``None`` (or a 'default' type) is supported; Dimple uses plain RoPE frequencies."""
+    tie_word_embeddings: bool = False
+    """Whether the LM head shares the embedding matrix (False for Dimple and Dream)."""
+    attention_bias: bool = True
+    """Whether q/k/v projections carry a bias (True for Qwen2)."""
+    mask_token_id: int = 151666
+    """The diffusion ``<|mask|>`` token."""
+    pad_token_id: int = 151643
+    """Padding id (``<|endoftext|>``), also the answer terminator in practice."""
+    bos_token_id: int | None = 151643
+    """Unused by generation; kept for completeness."""
+    eos_token_id: int | None = 151643
+    """Unused by generation; kept for completeness."""
+    image_token_id: int = 151655
+    """``<|image_pad|>``: one per merged vision token."""
+    video_token_id: int = 151656
+    """``<|video_pad|>``: video is not supported."""
+    vision_start_token_id: int = 151652
+    """``<|vision_start|>``."""
+    vision_end_token_id: int = 151653
+    """``<|vision_end|>``."""
+    mrope_section: list[int] = field(default_factory=lambda: [16, 24, 24])
+    """Rotary channel pairs per M-RoPE stream (temporal, height, width); sums to head_dim / 2."""
+    full_attn_mask: bool = True
+    """Bidirectional (Dimple) attention if True, causal (AR training stages) if False."""
+    initializer_range: float = 0.02
+    """Std of the normal init used for fresh weights."""
+    vision_config: VisionConfig | None = None
+    """The vision tower, or None for a text-only (Dream) model."""
+
+    def __post_init__(self) -> None:
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(f"model_type must be one of {SUPPORTED_MODEL_TYPES}, got {self.model_type!r}")
+        if isinstance(self.vision_config, dict):
+            self.vision_config = VisionConfig.from_dict(self.vision_config)
+        _check_positive(
+            self,
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "max_position_embeddings",
+        )
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
+                f"({self.num_attention_heads})"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_key_value_heads "
+                f"({self.num_key_value_heads})"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
+        if self.hidden_act != "silu":
+            raise ConfigError(f"hidden_act must be 'silu', got {self.hidden_act!r}")
+        if self.rope_scaling not in (None, {}) and self.rope_scaling.get("rope_type", self.rope_scaling.get("type")) not in (
+            "default",
+            "mrope",
+        ):
+            raise ConfigError(f"rope_scaling {self.rope_scaling!r} is not supported (only default RoPE)")
+        if sum(self.mrope_section) != self.head_dim // 2 or len(self.mrope_section) != 3:
+            raise ConfigError(
+                f"mrope_section {self.mrope_section} must have 3 entries summing to head_dim/2 = {self.head_dim // 2}"
+            )
+        for name in ("mask_token_id", "pad_token_id", "image_token_id", "vision_start_token_id"):
+            value = getattr(self, name)
+            if not 0 <= value < self.vocab_size:
+                raise ConfigError(f"{name} ({value}) is outside the vocabulary [0, {self.vocab_size})")
+        if self.model_type == "dimple" and self.vision_config is None:
+            raise ConfigError("a 'dimple' config needs a vision_config")
+        if self.vision_config is not None and self.vision_config.out_hidden_size != self.hidden_size:
+            raise ConfigError(
+                f"vision_config.out_hidden_size ({self.vision_config.out_hidden_size}) must equal hidden_size "
+                f"({self.hidden_size}): the projector maps features into the decoder's width"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DimpleConfig:
+        data = dict(data)
+        model_type = data.get("model_type")
+        if model_type is None:
+            raise ConfigError("config.json has no 'model_type'")
+        if model_type == "Dream":
+            # Dream checkpoints have plain 1-D RoPE; M-RoPE with all streams equal is identical to it.
+            head_dim = data["hidden_size"] // data["num_attention_heads"]
+            quarter = head_dim // 2
+            data.setdefault("mrope_section", [quarter - 2 * (quarter // 3), quarter // 3, quarter // 3])
+        if isinstance(data.get("rope_scaling"), dict) and "mrope_section" in data["rope_scaling"]:
+            data.setdefault("mrope_section", data["rope_scaling"]["mrope_section"])
+        return cls(**_known_fields(cls, data))
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> DimpleConfig:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no config.json at {path}") from None
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path} is not valid JSON: {err}") from None
+        try:
+            return cls.from_dict(data)
+        except (ConfigError, TypeError, KeyError) as err:
+            raise ConfigError(f"{path}: {err}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``config.json`` form, in the layout of ``rp-yu/Dimple-7B``."""
+        data = dataclasses.asdict(self)
+        if self.vision_config is None:
+            data.pop("vision_config")
+        else:
+            data["vision_config"]["model_type"] = "dimple"
+        if self.model_type == "dimple":
+            data["architectures"] = ["DimpleModel"]
+        else:
+            data["architectures"] = ["DreamModel"]
+        data["torch_dtype"] = "bfloat16"
+        return data
