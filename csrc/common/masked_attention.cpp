@@ -1,0 +1,153 @@
+// SPDX-License-Identifier: Apache-2.0
+// masked_attention argument checks, shared by the CPU and CUDA launchers. The list and the messages follow
+// check_masked_attention_args in dimple_rt/reference.py: shapes and options raise ValueError
+// (TORCH_CHECK_VALUE), dtypes raise TypeError (TORCH_CHECK_TYPE).
+#include "common/masked_attention.h"
+
+#include <cmath>
+#include <sstream>
+#include <string>
+
+namespace dimple_rt {
+namespace {
+
+// A shape as Python prints a tuple: (2, 3) or (5,).
+std::string shape_str(at::IntArrayRef sizes) {
+  std::ostringstream s;
+  s << "(";
+  for (size_t i = 0; i < sizes.size(); ++i) s << (i ? ", " : "") << sizes[i];
+  s << (sizes.size() == 1 ? ",)" : ")");
+  return s.str();
+}
+
+bool is_float_type(at::ScalarType t) {
+  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
+}
+
+Strides4 strides4(const at::Tensor& t) {
+  return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
+
+}  // namespace
+
+void check_masked_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const std::optional<at::Tensor>& prefix_k, const std::optional<at::Tensor>& prefix_v,
+                                 const std::optional<at::Tensor>& key_mask,
+                                 const std::optional<at::Tensor>& cu_seqlens) {
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"q", q}, {"k", k}, {"v", v}}) {
+    TORCH_CHECK_VALUE(t.dim() == 4, "masked_attention: ", name, " must be 4-D (batch, len, heads, head_dim), got ",
+                      shape_str(t.sizes()));
+    TORCH_CHECK_TYPE(is_float_type(t.scalar_type()), "masked_attention: ", name,
+                     " must be float32, bfloat16 or float16, got ", t.scalar_type());
+  }
+  const int64_t batch = q.size(0), q_len = q.size(1), num_heads = q.size(2), head_dim = q.size(3);
+  TORCH_CHECK_VALUE(k.sizes() == v.sizes(), "masked_attention: k ", shape_str(k.sizes()), " and v ",
+                    shape_str(v.sizes()), " must have the same shape");
+  TORCH_CHECK_VALUE(k.size(0) == batch && k.size(1) == q_len && k.size(3) == head_dim,
+                    "masked_attention: k must be (batch=", batch, ", len=", q_len, ", kv_heads, head_dim=", head_dim,
+                    "), got ", shape_str(k.sizes()));
+  const int64_t num_kv_heads = k.size(2);
+  TORCH_CHECK_VALUE(num_kv_heads > 0 && num_heads % num_kv_heads == 0, "masked_attention: q heads (", num_heads,
+                    ") must be a multiple of kv heads (", num_kv_heads, ")");
+  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+                   "masked_attention: q, k, v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
+                   v.scalar_type());
+
+  // Devices before anything reads memory.
+  const std::pair<const char*, const std::optional<at::Tensor>*> others[] = {
+      {"prefix_k", &prefix_k}, {"prefix_v", &prefix_v}, {"key_mask", &key_mask}, {"cu_seqlens", &cu_seqlens}};
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"k", k}, {"v", v}}) {
+    TORCH_CHECK_VALUE(t.device() == q.device(), "masked_attention: ", name, " is on ", t.device(), ", q on ",
+                      q.device());
+  }
+  for (const auto& [name, t] : others) {
+    TORCH_CHECK_VALUE(!t->has_value() || (*t)->device() == q.device(), "masked_attention: ", name, " is on ",
+                      (*t)->device(), ", q on ", q.device());
+  }
+
+  TORCH_CHECK_VALUE(prefix_k.has_value() == prefix_v.has_value(),
+                    "masked_attention: give both prefix_k and prefix_v or neither");
+  int64_t prefix_len = 0;
+  if (prefix_k.has_value()) {
+    const at::Tensor& pk = *prefix_k;
+    const at::Tensor& pv = *prefix_v;
+    TORCH_CHECK_VALUE(pk.dim() == 4 && pk.sizes() == pv.sizes(), "masked_attention: prefix_k ", shape_str(pk.sizes()),
+                      " and prefix_v ", shape_str(pv.sizes()), " must be equal 4-D");
+    TORCH_CHECK_VALUE(pk.size(0) == batch && pk.size(2) == num_kv_heads && pk.size(3) == head_dim,
+                      "masked_attention: prefix_k must be (batch=", batch, ", prefix_len, kv_heads=", num_kv_heads,
+                      ", head_dim=", head_dim, "), got ", shape_str(pk.sizes()));
+    TORCH_CHECK_TYPE(pk.scalar_type() == q.scalar_type() && pv.scalar_type() == q.scalar_type(),
+                     "masked_attention: prefix_k/prefix_v must have q's dtype ", q.scalar_type(), ", got ",
+                     pk.scalar_type(), ", ", pv.scalar_type());
+    prefix_len = pk.size(1);
+  }
+  if (key_mask.has_value()) {
+    const at::Tensor& mask = *key_mask;
+    TORCH_CHECK_TYPE(mask.scalar_type() == at::kBool, "masked_attention: key_mask must be bool, got ",
+                     mask.scalar_type());
+    TORCH_CHECK_VALUE(mask.dim() == 2 && mask.size(0) == batch && mask.size(1) == prefix_len + q_len,
+                      "masked_attention: key_mask must be (batch=", batch, ", prefix_len+len=", prefix_len + q_len,
+                      "), got ", shape_str(mask.sizes()));
+  }
+  if (cu_seqlens.has_value()) {
+    const at::Tensor& cu = *cu_seqlens;
+    TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt, "masked_attention: cu_seqlens must be int32, got ",
+                     cu.scalar_type());
+    TORCH_CHECK_VALUE(cu.dim() == 1 && cu.numel() >= 2,
+                      "masked_attention: cu_seqlens must be 1-D with ≥2 entries, got ", shape_str(cu.sizes()));
+    TORCH_CHECK_VALUE(batch == 1 && prefix_len == 0,
+                      "masked_attention: cu_seqlens needs batch 1 and no prefix, got batch ", batch, " and prefix_len ",
+                      prefix_len);
+    TORCH_CHECK_VALUE(!key_mask.has_value(), "masked_attention: cu_seqlens and key_mask cannot be combined");
+  }
+}
+
+void check_cu_seqlens_values(const int64_t* values, int64_t n, int64_t q_len) {
+  bool ok = n >= 2 && values[0] == 0 && values[n - 1] == q_len;
+  for (int64_t i = 1; ok && i < n; ++i) ok = values[i] >= values[i - 1];
+  if (ok) return;
+  std::ostringstream s;
+  s << "[";
+  for (int64_t i = 0; i < n; ++i) s << (i ? ", " : "") << values[i];
+  s << "]";
+  TORCH_CHECK_VALUE(false, "masked_attention: cu_seqlens must rise from 0 to len=", q_len, ", got ", s.str());
+}
+
+MaskedAttentionParams make_masked_attention_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                   const std::optional<at::Tensor>& prefix_k,
+                                                   const std::optional<at::Tensor>& prefix_v,
+                                                   const std::optional<at::Tensor>& key_mask, bool causal,
+                                                   std::optional<double> scale, const at::Tensor& out) {
+  MaskedAttentionParams p;
+  p.q = q.const_data_ptr();
+  p.k = k.const_data_ptr();
+  p.v = v.const_data_ptr();
+  p.out = out.mutable_data_ptr();
+  p.q_stride = strides4(q);
+  p.k_stride = strides4(k);
+  p.v_stride = strides4(v);
+  p.out_stride = strides4(out);
+  if (prefix_k.has_value()) {
+    p.prefix_k = prefix_k->const_data_ptr();
+    p.prefix_v = prefix_v->const_data_ptr();
+    p.prefix_k_stride = strides4(*prefix_k);
+    p.prefix_v_stride = strides4(*prefix_v);
+    p.prefix_len = prefix_k->size(1);
+  }
+  if (key_mask.has_value()) {
+    p.key_mask = key_mask->const_data_ptr<bool>();
+    p.key_mask_batch_stride = key_mask->stride(0);
+    p.key_mask_seq_stride = key_mask->stride(1);
+  }
+  p.batch = q.size(0);
+  p.q_len = q.size(1);
+  p.num_heads = q.size(2);
+  p.head_dim = q.size(3);
+  p.num_kv_heads = k.size(2);
+  p.groups = p.num_heads / p.num_kv_heads;
+  p.scale = static_cast<float>(scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(p.head_dim)));
+  p.causal = causal;
+  return p;
+}
+
+}  // namespace dimple_rt
