@@ -1,0 +1,2 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Generation: per-step token sampling (``sampling``) and commit schedules (``schedule``) as pure tensor functions."""
