@@ -199,7 +199,9 @@ class DimpleConfig:
             raise ConfigError(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
         if self.hidden_act != "silu":
             raise ConfigError(f"hidden_act must be 'silu', got {self.hidden_act!r}")
-        if self.rope_scaling not in (None, {}) and self.rope_scaling.get("rope_type", self.rope_scaling.get("type")) not in (
+        if self.rope_scaling not in (None, {}) and self.rope_scaling.get(
+            "rope_type", self.rope_scaling.get("type")
+        ) not in (
             "default",
             "mrope",
         ):
@@ -266,3 +268,83 @@ class DimpleConfig:
             data["architectures"] = ["DreamModel"]
         data["torch_dtype"] = "bfloat16"
         return data
+
+
+PIPELINES = ("dim", "dream")
+DECODING_ALGS = ("origin", "origin-ratio", "autoregressive", "maskgit_plus", "topk_margin", "entropy")
+
+
+@dataclass
+class GenerationConfig:
+    """Decoding options of :meth:`dimple_rt.Runtime.generate`, with Dimple's meaning (spec §4.1).
+
+    Defaults differ from the authors' (steps 512, 20 new tokens, alg 'origin' without threshold) where theirs
+    are never what anyone runs: 64 new tokens, one step per token, greedy, confident decoding (threshold 0.95)
+    with maskgit_plus as the deterministic fallback, prefilling on, per-sequence decisions.
+    """
+
+    max_new_tokens: int = 64
+    """Length of the response canvas (masks appended after the prompt)."""
+    steps: int | None = None
+    """Denoising steps; None means one per new token (``max_new_tokens``)."""
+    eps: float = 1e-3
+    """Last timestep of ``linspace(1, eps, steps + 1)``."""
+    temperature: float = 0.0
+    """0 is greedy (lowest token id on ties); > 0 samples from the filtered distribution."""
+    top_p: float | None = None
+    """Nucleus filter in [0, 1]; None or 1 disables it."""
+    top_k: int | None = None
+    """Keep the k most likely tokens (ties at the k-th value kept); None disables it."""
+    alg: str = "maskgit_plus"
+    """How positions are ranked: origin, origin-ratio, autoregressive, maskgit_plus, topk_margin, entropy."""
+    alg_temp: float | None = None
+    """> 0: draw the fallback positions by ``multinomial(softmax(confidence / alg_temp))`` instead of top-n."""
+    threshold: float | str | None = "auto"
+    """Confident decoding (Dimple's ``alg_p_threshold``): commit every position above it; None/0 disables it.
+    "auto" is 0.95 in the 'dim' pipeline and None in 'dream', which has no threshold."""
+    use_original_confidence: bool = True
+    """'dim': read confidences from the unfiltered, untempered softmax ('dream' always uses the filtered one)."""
+    pipeline: str = "dim"
+    """'dim' (Dimple's confident decoding with early stop) or 'dream' (Dream's original schedule)."""
+    prefill: bool = True
+    """Reuse the prompt K/V computed at step 0 (Dimple's ``use_cache``, an approximation the paper measures)."""
+    seed: int | None = None
+    """Seed of a private RNG stream (None: torch's global RNG, as the authors' code)."""
+    batch_coupled: bool = False
+    """True: the authors' batch-global decisions; False: each sequence decides alone (batch-independent)."""
+    validate_categorical: bool = True
+    """Keep the authors' quirk: a sampled step whose bf16 probabilities fail torch's check becomes greedy."""
+    return_history: bool = False
+    """Also return the sequences after every step."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if self.steps is None:
+            self.steps = self.max_new_tokens
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
+        if not 0 < self.eps < 1:
+            raise ValueError(f"eps must be in (0, 1), got {self.eps!r}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if self.top_p is not None and not 0 <= self.top_p <= 1:
+            raise ValueError(f"top_p must be in [0, 1], got {self.top_p!r}")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+            raise ValueError(f"top_k must be a positive integer, got {self.top_k!r}")
+        if self.alg not in DECODING_ALGS:
+            raise ValueError(f"alg must be one of {DECODING_ALGS}, got {self.alg!r}")
+        if self.alg_temp is not None and self.alg_temp < 0:
+            raise ValueError(f"alg_temp must be None or >= 0, got {self.alg_temp!r}")
+        if self.pipeline not in PIPELINES:
+            raise ValueError(f"pipeline must be one of {PIPELINES}, got {self.pipeline!r}")
+        if self.pipeline == "dream" and self.alg == "origin-ratio":
+            raise ValueError("alg 'origin-ratio' exists only in the 'dim' pipeline")
+        if self.threshold == "auto":
+            self.threshold = 0.95 if self.pipeline == "dim" else None
+        if isinstance(self.threshold, str) or (self.threshold is not None and not 0 <= self.threshold <= 1):
+            raise ValueError(f"threshold must be None, 'auto' or in [0, 1], got {self.threshold!r}")
+        if self.pipeline == "dream" and self.threshold:
+            raise ValueError("the 'dream' pipeline has no threshold: pass threshold=None (or 'auto')")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")

@@ -3,15 +3,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .config import DimpleConfig
+from .config import DimpleConfig, GenerationConfig
+from .generation.loop import DecodeRequest, LogitsHook, TokensHook, denoise
+from .generation.priors import build_canvas, parse_template
 from .model.backend import BACKENDS, attention_for
 from .model.dimple import DimpleModel
 from .processor import ImageProcessor, expand_image_placeholders
@@ -19,6 +22,7 @@ from .tokenizer import DimpleTokenizer
 from .weights import load_state_dict_into, resolve_model
 
 Message = dict[str, Any]
+Prompt = str | Sequence[Message] | Sequence[str | Sequence[Message]]
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -45,6 +49,33 @@ def _images_of(messages: Sequence[Message]) -> list[Any]:
                         raise ValueError(f"image item without an 'image' field: {item!r}")
                     found.append(item["image"])
     return found
+
+
+def _is_batch(conversations: Prompt) -> bool:
+    """A list of conversations or of prompt strings is a batch; a string or a list of messages is one input."""
+    return not isinstance(conversations, str) and bool(conversations) and not isinstance(conversations[0], dict)
+
+
+def _as_batch(conversations: Prompt) -> list[list[Message]]:
+    """Conversations of a prompt string, one conversation, or a batch of either."""
+    items = list(conversations) if _is_batch(conversations) else [conversations]  # type: ignore[list-item]
+    return [[{"role": "user", "content": item}] if isinstance(item, str) else list(item) for item in items]
+
+
+@dataclass
+class GenerationResult:
+    """The outcome for one input of :meth:`Runtime.generate`.
+
+    text: the answer, cut at the first ``<|endoftext|>``/``<|im_end|>``; token_ids: its ids; sequences:
+    (1, prompt_len + max_new_tokens) prompt (with the batch's left padding) and canvas, as the authors return
+    them; num_forward_passes: steps executed for the batch; history: the sequences after every step, if asked.
+    """
+
+    text: str
+    token_ids: list[int]
+    sequences: torch.Tensor
+    num_forward_passes: int
+    history: list[torch.Tensor] | None = None
 
 
 class Runtime:
@@ -82,18 +113,13 @@ class Runtime:
         if self.config.vision_config is not None:
             self.processor = ImageProcessor.from_pretrained(self.path)
 
-    def prepare(self, conversations: str | Sequence[Message] | Sequence[Sequence[Message]]) -> ModelInputs:
+    def prepare(self, conversations: Prompt) -> ModelInputs:
         """Chat template → image placeholder expansion → token ids, left padded, as the authors' processor.
 
-        A plain string is one user turn; a list of messages is one conversation; a list of conversations is
-        a batch. Images are the conversation's image items (paths, PIL images or uint8 arrays).
+        A plain string is one user turn; a list of messages is one conversation; a list of conversations (or of
+        strings) is a batch. Images are the conversation's image items (paths, PIL images or uint8 arrays).
         """
-        if isinstance(conversations, str):
-            batch = [[{"role": "user", "content": conversations}]]
-        elif conversations and isinstance(conversations[0], dict):
-            batch = [list(conversations)]  # type: ignore[list-item]
-        else:
-            batch = [list(conv) for conv in conversations]  # type: ignore[arg-type]
+        batch = _as_batch(conversations)
         if not batch or any(not conv for conv in batch):
             raise ValueError("prepare needs at least one non-empty conversation")
         texts = [self.tokenizer.apply_chat_template(conv, add_generation_prompt=True) for conv in batch]
@@ -145,3 +171,189 @@ class Runtime:
             image_grid_thw=image_grid_thw,
         )
         return out.logits
+
+    # Generation ---------------------------------------------------------------------------------------------------
+
+    def _model_inputs(
+        self, inputs: Prompt | ModelInputs | Mapping[str, Any] | None, tensors: dict[str, Any]
+    ) -> ModelInputs:
+        """ModelInputs from a prompt/conversation(s), a ModelInputs or processor dict, or input_ids & co."""
+        if inputs is not None and tensors:
+            raise ValueError(f"give either inputs or {sorted(tensors)}, not both")
+        if isinstance(inputs, ModelInputs):
+            return inputs
+        if isinstance(inputs, Mapping):
+            tensors = dict(inputs)
+        elif inputs is not None:
+            return self.prepare(inputs)
+        unknown = set(tensors) - {"input_ids", "attention_mask", "pixel_values", "image_grid_thw"}
+        if unknown:
+            raise TypeError(f"unknown model inputs {sorted(unknown)}")
+        if tensors.get("input_ids") is None:
+            raise ValueError("generate needs a prompt, conversation(s), or input_ids")
+        if tensors.get("attention_mask") is None:
+            raise ValueError("input_ids need an attention_mask (1 = token, 0 = left padding), as in the authors' code")
+        return ModelInputs(**{key: torch.as_tensor(value) for key, value in tensors.items() if value is not None})
+
+    def _decode_request(
+        self,
+        inputs: Prompt | ModelInputs | Mapping[str, Any] | None,
+        tensors: dict[str, Any],
+        template: str | None,
+        response_length: int | None,
+        options: dict[str, Any],
+    ) -> tuple[DecodeRequest, GenerationConfig]:
+        """Validate everything and encode the images once, before the first step."""
+        model_inputs = self._model_inputs(inputs, tensors)
+        input_ids, attention_mask = model_inputs.input_ids, model_inputs.attention_mask
+        if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"input_ids and attention_mask must both be (batch, len), got {tuple(input_ids.shape)} and "
+                f"{tuple(attention_mask.shape)}"
+            )
+        mask = attention_mask.to(torch.bool)
+        if bool((mask[:, :-1] & ~mask[:, 1:]).any()):
+            raise ValueError("generate needs left padding: a 0 of attention_mask follows a 1 (right padding?)")
+        mask_id = self.config.mask_token_id
+        template_ids = parse_template(template, self.tokenizer.encode, mask_id) if template is not None else None
+        canvas = build_canvas(
+            mask_id, self.config.pad_token_id, options.pop("max_new_tokens", None), template_ids, response_length
+        )
+        try:
+            config = GenerationConfig(max_new_tokens=len(canvas), **options)
+        except TypeError as err:
+            names = sorted(f.name for f in dataclasses.fields(GenerationConfig))
+            raise TypeError(f"{err}; generate's options are {names}, template and response_length") from None
+        if input_ids.shape[1] + len(canvas) > self.config.max_position_embeddings:
+            raise ValueError(
+                f"prompt ({input_ids.shape[1]}) + max_new_tokens ({len(canvas)}) exceeds max_position_embeddings "
+                f"{self.config.max_position_embeddings}"
+            )
+        features = None
+        if (model_inputs.pixel_values is None) != (model_inputs.image_grid_thw is None):
+            raise ValueError("pixel_values and image_grid_thw go together: give both or neither")
+        if model_inputs.pixel_values is not None:
+            features = self.model.encode_images(
+                model_inputs.pixel_values.to(self.device), model_inputs.image_grid_thw, self.attention
+            )
+        batch = input_ids.shape[0]
+        request = DecodeRequest(
+            input_ids=input_ids.to(self.device, torch.long),
+            attention_mask=attention_mask.to(self.device, torch.long),
+            canvas=torch.tensor(canvas, dtype=torch.long, device=self.device).expand(batch, -1),
+            image_features=features,
+            image_grid_thw=model_inputs.image_grid_thw,
+        )
+        return request, config
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        inputs: Prompt | ModelInputs | Mapping[str, Any] | None = None,
+        *,
+        template: str | None = None,
+        response_length: int | None = None,
+        tokens_hook: TokensHook | None = None,
+        logits_hook: LogitsHook | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        **options: Any,
+    ) -> GenerationResult | list[GenerationResult]:
+        """Answer a prompt string, a conversation, or a batch of them, by Dimple's discrete diffusion.
+
+        ``inputs`` may also be pre-tokenised: a ModelInputs, the authors' processor dict, or ``input_ids`` +
+        ``attention_mask`` (+ ``pixel_values``, ``image_grid_thw``) keywords; these are a batch.
+        ``options`` are the fields of :class:`~dimple_rt.config.GenerationConfig` with Dimple's meaning:
+        max_new_tokens (64), steps (= max_new_tokens), eps (1e-3), temperature (0: greedy), top_p, top_k, alg
+        ("maskgit_plus"; also origin, origin-ratio, autoregressive, topk_margin, entropy), alg_temp, threshold
+        (0.95 in 'dim': confident decoding), use_original_confidence (True), pipeline ("dim" | "dream"), prefill
+        (True: Dimple's use_cache), seed, batch_coupled (False), validate_categorical, return_history.
+        Structure priors: ``template`` (text with ``<mask:N>`` spans, placed at the canvas start) and
+        ``response_length=k`` (``<|endoftext|>`` from position k). Hooks: ``tokens_hook(step, x, logits) -> x``
+        and ``logits_hook(step, x, logits) -> logits``, the authors' signatures and shapes.
+        Returns one GenerationResult, or a list for a batch.
+        """
+        tensors = _given(
+            input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, image_grid_thw=image_grid_thw
+        )
+        request, config = self._decode_request(inputs, tensors, template, response_length, options)
+        history: list[torch.Tensor] = []
+        sequences = torch.cat([request.input_ids, request.canvas], dim=1)
+        passes = 0
+        for step in denoise(self.model, self.attention, request, config, tokens_hook, logits_hook):
+            sequences, passes = step.sequences, passes + 1
+            if config.return_history:
+                history.append(step.sequences.cpu())
+        results = self._results(
+            sequences.cpu(), request.input_ids.shape[1], passes, history if config.return_history else None
+        )
+        one_input = isinstance(inputs, str) or (isinstance(inputs, (list, tuple)) and not _is_batch(inputs))
+        return results[0] if one_input else results
+
+    def _results(
+        self, sequences: torch.Tensor, prompt_len: int, passes: int, history: list[torch.Tensor] | None
+    ) -> list[GenerationResult]:
+        results = []
+        for row in range(sequences.shape[0]):
+            answer = self.tokenizer.answer_ids(sequences[row, prompt_len:])
+            results.append(
+                GenerationResult(
+                    text=self.tokenizer.decode(answer),
+                    token_ids=answer,
+                    sequences=sequences[row : row + 1],
+                    num_forward_passes=passes,
+                    history=None if history is None else [h[row : row + 1] for h in history],
+                )
+            )
+        return results
+
+    def stream(
+        self,
+        inputs: Prompt | ModelInputs | Mapping[str, Any] | None = None,
+        *,
+        template: str | None = None,
+        response_length: int | None = None,
+        tokens_hook: TokensHook | None = None,
+        logits_hook: LogitsHook | None = None,
+        **options: Any,
+    ) -> Iterator[StreamStep]:
+        """Like :meth:`generate`, but yield the canvas after every step (a batch: one row per input)."""
+        tensors = {
+            key: options.pop(key)
+            for key in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
+            if key in options
+        }
+        request, config = self._decode_request(inputs, _given(**tensors), template, response_length, options)
+        prompt_len = request.input_ids.shape[1]
+        with torch.inference_mode():
+            for step in denoise(self.model, self.attention, request, config, tokens_hook, logits_hook):
+                yield StreamStep(step.step, step.sequences[:, prompt_len:].cpu(), step.committed)
+
+    def render_canvas(self, canvas: torch.Tensor) -> str:
+        """Text of one canvas row ``(max_new_tokens,)`` with each mask shown as "␣", as the authors' demo does."""
+        mask_id = self.config.mask_token_id
+        pieces, run = [], []
+        for token in canvas.tolist():
+            if token == mask_id:
+                pieces.append(self.tokenizer.decode(run) + "␣")
+                run = []
+            else:
+                run.append(token)
+        return "".join(pieces) + self.tokenizer.decode(run)
+
+
+@dataclass
+class StreamStep:
+    """One step of :meth:`Runtime.stream`: canvas (batch, max_new_tokens) after the step; committed: tokens
+    written by the step over the batch."""
+
+    step: int
+    canvas: torch.Tensor
+    committed: int
+
+
+def _given(**tensors: Any) -> dict[str, Any]:
+    """The keyword tensors that were actually passed."""
+    return {key: value for key, value in tensors.items() if value is not None}

@@ -153,7 +153,7 @@ def _top_n(confidence: torch.Tensor, n: int, alg_temp: float | None, generator: 
     return selected
 
 
-def _segments(row_ids: torch.Tensor) -> list[tuple[int, int, int]]:
+def row_segments(row_ids: torch.Tensor) -> list[tuple[int, int, int]]:
     """``(row, start, end)`` of each row's contiguous run of entries; ValueError unless row-major."""
     rows, counts = torch.unique_consecutive(row_ids, return_counts=True)
     if rows.numel() > 1 and not bool((rows[1:] > rows[:-1]).all()):
@@ -162,7 +162,7 @@ def _segments(row_ids: torch.Tensor) -> list[tuple[int, int, int]]:
     return [(row, end - count, end) for row, count, end in zip(rows.tolist(), counts.tolist(), ends, strict=True)]
 
 
-def _pick(generators: Generators, row: int | None) -> torch.Generator | None:
+def pick_generator(generators: Generators, row: int | None) -> torch.Generator | None:
     """The generator for ``row`` (None: the batch-coupled call, which takes a single generator)."""
     if generators is None or isinstance(generators, torch.Generator):
         return generators
@@ -231,16 +231,16 @@ def dim_step(
         return torch.zeros_like(confidence, dtype=torch.bool)
     if batch_coupled:
         total = sum(int(v) for v in num_total_mask)
-        return _dim_group(confidence, row_ids, total, inputs, _pick(cpu_generator, None), _pick(generator, None))
+        return _dim_group(confidence, row_ids, total, inputs, pick_generator(cpu_generator, None), pick_generator(generator, None))
     selected = torch.zeros_like(confidence, dtype=torch.bool)
-    for row, start, end in _segments(row_ids):
+    for row, start, end in row_segments(row_ids):
         selected[start:end] = _dim_group(
             confidence[start:end],
             row_ids[start:end],
             int(num_total_mask[row]),
             inputs,
-            _pick(cpu_generator, row),
-            _pick(generator, row),
+            pick_generator(cpu_generator, row),
+            pick_generator(generator, row),
         )
     return selected
 
@@ -266,10 +266,10 @@ def dream_preselect(
     ts = inputs.timesteps.cpu()
     p = _transfer_probability(float(ts[inputs.step + 1]), float(ts[inputs.step]), inputs.is_last)
     if batch_coupled:
-        return torch.rand(row_ids.numel(), device=row_ids.device, generator=_pick(generator, None)) < p
+        return torch.rand(row_ids.numel(), device=row_ids.device, generator=pick_generator(generator, None)) < p
     selected = torch.zeros_like(row_ids, dtype=torch.bool)
-    for row, start, end in _segments(row_ids):
-        selected[start:end] = torch.rand(end - start, device=row_ids.device, generator=_pick(generator, row)) < p
+    for row, start, end in row_segments(row_ids):
+        selected[start:end] = torch.rand(end - start, device=row_ids.device, generator=pick_generator(generator, row)) < p
     return selected
 
 
@@ -293,10 +293,10 @@ def dream_step(
     if batch_coupled:
         groups = [(None, 0, confidence.numel())]
     else:
-        groups = _segments(row_ids)
+        groups = row_segments(row_ids)
     selected = torch.zeros_like(confidence, dtype=torch.bool)
     for row, start, end in groups:
         n = dream_count(end - start, inputs.step, inputs.timesteps, inputs.steps)
         if n > 0:
-            selected[start:end] = _top_n(confidence[start:end], n, inputs.alg_temp, _pick(generator, row))
+            selected[start:end] = _top_n(confidence[start:end], n, inputs.alg_temp, pick_generator(generator, row))
     return selected
