@@ -2,9 +2,11 @@
 """The ``dimple-rt`` command.
 
 ``dimple-rt demo`` is README's first command. Until a trained model ships with the package it writes a tiny
-checkpoint with *random* weights, runs the full pipeline (chat template, image preprocessing, vision tower,
-decoder) on an image it draws, and says plainly that the numbers carry no meaning.
-``dimple-rt forward MODEL`` runs one full-sequence forward of any checkpoint on a prompt (and image).
+checkpoint with *random* weights, answers a question about an image it draws with the full pipeline (chat
+template, image preprocessing, vision tower, decoder, confident decoding with prefilling), and says plainly
+that the answer carries no meaning.
+``dimple-rt generate MODEL`` answers a prompt (and image) with any checkpoint; ``dimple-rt forward MODEL`` runs
+one full-sequence forward.
 """
 
 from __future__ import annotations
@@ -35,9 +37,7 @@ def _run_forward(model: str, prompt: str, image: object | None, backend: str) ->
     start = time.perf_counter()
     rt = Runtime(model, backend=backend)
     print(f"loaded {rt.path} ({rt.config.model_type}, backend={rt.backend}) in {time.perf_counter() - start:.2f} s")
-    content: list[dict] = [{"type": "image", "image": image}] if image is not None else []
-    content.append({"type": "text", "text": prompt})
-    inputs = rt.prepare([{"role": "user", "content": content}])
+    inputs = rt.prepare(_conversation(prompt, image))
     start = time.perf_counter()
     logits = rt.forward(inputs.input_ids, inputs.attention_mask, inputs.pixel_values, inputs.image_grid_thw)
     elapsed = time.perf_counter() - start
@@ -45,8 +45,33 @@ def _run_forward(model: str, prompt: str, image: object | None, backend: str) ->
     print(f"prompt: {inputs.input_ids.shape[1]} tokens ({n_image_tokens} image tokens)")
     print(f"forward: logits {tuple(logits.shape)} in {elapsed:.3f} s, finite={bool(torch.isfinite(logits).all())}")
     top = logits[0, -1].topk(5)
-    shown = ", ".join(f"{rt.tokenizer.decode([i])!r}:{v:.2f}" for v, i in zip(top.values.tolist(), top.indices.tolist()))
+    shown = ", ".join(
+        f"{rt.tokenizer.decode([i])!r}:{v:.2f}" for v, i in zip(top.values.tolist(), top.indices.tolist())
+    )
     print(f"top-5 logits at the last prompt position: {shown}")
+
+
+def _conversation(prompt: str, image: object | None) -> list[dict]:
+    content: list[dict] = [{"type": "image", "image": image}] if image is not None else []
+    return [{"role": "user", "content": [*content, {"type": "text", "text": prompt}]}]
+
+
+def _run_generate(model: str, prompt: str, image: object | None, args: argparse.Namespace) -> None:
+    from dimple_rt import Runtime
+
+    rt = Runtime(model, backend=args.backend)
+    options = {"max_new_tokens": args.max_new_tokens, "alg": args.alg, "prefill": not args.no_prefill}
+    if args.threshold is not None:
+        options["threshold"] = args.threshold if args.threshold > 0 else None
+    start = time.perf_counter()
+    result = rt.generate(_conversation(prompt, image), **options)
+    elapsed = time.perf_counter() - start
+    print(f"prompt: {prompt!r}" + (" (with an image)" if image is not None else ""))
+    print(f"answer: {result.text!r}")
+    print(
+        f"forward passes: {result.num_forward_passes} for a {args.max_new_tokens}-token canvas in {elapsed:.2f} s "
+        f"({len(result.token_ids)} answer tokens)"
+    )
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -54,15 +79,28 @@ def _demo(args: argparse.Namespace) -> int:
 
     print(
         "dimple-rt demo: no trained model ships with the package yet, so this writes a tiny checkpoint with\n"
-        "RANDOM weights (Dimple's exact layout and special tokens) and runs one real forward pass on it.\n"
-        "The pipeline is real; the predicted tokens are meaningless.\n"
+        "RANDOM weights (Dimple's exact layout and special tokens) and answers a question about a picture\n"
+        "with it. The pipeline is real (vision tower, confident decoding, prefilling); the answer is noise.\n"
     )
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(args.out) if args.out else Path(tmp) / "dimple-tiny-random"
         write_tiny_checkpoint(directory)
         print(f"wrote a random tiny checkpoint to {directory}")
-        _run_forward(str(directory), "What shapes are in this picture?", _draw_demo_image(), args.backend)
+        _run_generate(str(directory), "What shapes are in this picture?", _draw_demo_image(), args)
     return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    _run_generate(args.model, args.prompt, args.image, args)
+    return 0
+
+
+def _add_decoding_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", default="kernels", choices=["kernels", "reference"])
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--alg", default="maskgit_plus")
+    parser.add_argument("--threshold", type=float, help="confident decoding threshold (default 0.95; 0 disables)")
+    parser.add_argument("--no-prefill", action="store_true", help="recompute the prompt at every step")
 
 
 def _forward(args: argparse.Namespace) -> int:
@@ -75,8 +113,14 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run the pipeline end to end on a tiny model")
     demo.add_argument("--out", help="keep the tiny checkpoint in this folder instead of a temporary one")
-    demo.add_argument("--backend", default="kernels", choices=["kernels", "reference"])
+    _add_decoding_options(demo)
     demo.set_defaults(func=_demo)
+    generate = sub.add_parser("generate", help="answer a prompt (and an image) with a checkpoint")
+    generate.add_argument("model", help="alias, folder in Hugging Face layout, or repo id in the local HF cache")
+    generate.add_argument("--prompt", default="Describe this image.")
+    generate.add_argument("--image", help="path of an image to put before the prompt")
+    _add_decoding_options(generate)
+    generate.set_defaults(func=_generate)
     forward = sub.add_parser("forward", help="one full-sequence forward of a checkpoint")
     forward.add_argument("model", help="alias, folder in Hugging Face layout, or repo id in the local HF cache")
     forward.add_argument("--prompt", default="Describe this image.")
