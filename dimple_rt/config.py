@@ -292,13 +292,15 @@ class GenerationConfig:
     temperature: float = 0.0
     """0 is greedy (lowest token id on ties); > 0 samples from the filtered distribution."""
     top_p: float | None = None
-    """Nucleus filter in [0, 1]; None or 1 disables it."""
+    """Nucleus filter in (0, 1]; None or 1 disables it (a tiny value such as 0.01 keeps only the argmax)."""
     top_k: int | None = None
     """Keep the k most likely tokens (ties at the k-th value kept); None disables it."""
     alg: str = "maskgit_plus"
     """How positions are ranked: origin, origin-ratio, autoregressive, maskgit_plus, topk_margin, entropy."""
     alg_temp: float | None = None
-    """> 0: draw the fallback positions by ``multinomial(softmax(confidence / alg_temp))`` instead of top-n."""
+    """> 0: draw the fallback positions by ``multinomial(softmax(confidence / alg_temp))`` instead of top-n.
+    Only the confidence algs use it; origin, origin-ratio and autoregressive ignore it, as the authors' code
+    does (their demo passes alg_temp=0.4 with origin)."""
     threshold: float | str | None = "auto"
     """Confident decoding (Dimple's ``alg_p_threshold``): commit every position above it; None/0 disables it.
     "auto" is 0.95 in the 'dim' pipeline and None in 'dream', which has no threshold."""
@@ -328,8 +330,8 @@ class GenerationConfig:
             raise ValueError(f"eps must be in (0, 1), got {self.eps!r}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
-        if self.top_p is not None and not 0 <= self.top_p <= 1:
-            raise ValueError(f"top_p must be in [0, 1], got {self.top_p!r}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
             raise ValueError(f"top_k must be a positive integer, got {self.top_k!r}")
         if self.alg not in DECODING_ALGS:
