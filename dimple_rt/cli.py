@@ -108,6 +108,25 @@ def _forward(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    import json
+
+    from dimple_rt.training.config import TrainConfig
+    from dimple_rt.training.trainer import run
+
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            overrides[key] = json.loads(value)  # numbers, booleans, null; anything else is a string
+        except json.JSONDecodeError:
+            overrides[key] = value
+    run(TrainConfig.from_file(args.config, overrides))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dimple-rt", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -127,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     forward.add_argument("--image", help="path of an image to put before the prompt")
     forward.add_argument("--backend", default="kernels", choices=["kernels", "reference"])
     forward.set_defaults(func=_forward)
+    train = sub.add_parser("train", help="train from a JSON (or YAML) config; also runs under torchrun")
+    train.add_argument("config", help="training config file (see examples/train_tiny.json)")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    train.set_defaults(func=_train)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

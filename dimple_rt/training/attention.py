@@ -1,0 +1,57 @@
+# SPDX-License-Identifier: Apache-2.0
+"""An autograd-capable attention for training: the ``masked_attention`` contract on top of torch SDPA.
+
+The C++ kernels have no backward, and the plain-torch reference materialises fp32 scores for every head, so
+training calls :func:`torch.nn.functional.scaled_dot_product_attention` instead. The visibility pattern is the
+reference's (:func:`dimple_rt.reference.attention_allowed`: Dimple's forced diagonal in bidirectional mode, no
+diagonal in causal mode), so the two agree on every row; a query that sees no key returns zeros, as in the
+reference, rather than SDPA's NaN.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dimple_rt.reference import attention_allowed, check_masked_attention_args
+
+
+def sdpa_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor | None = None,
+    prefix_v: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Same arguments and result as :func:`dimple_rt.reference.masked_attention`, differentiable, in q's dtype.
+
+    q: (batch, len, heads, head_dim); k, v: (batch, len, kv_heads, head_dim) → (batch, len, heads, head_dim).
+    """
+    check_masked_attention_args(q, k, v, prefix_k, prefix_v, key_mask, cu_seqlens)
+    batch, q_len, num_heads, _ = q.shape
+    if prefix_k is not None:
+        assert prefix_v is not None
+        k = torch.cat([prefix_k, k], dim=1)  # (batch, total, kv_heads, head_dim)
+        v = torch.cat([prefix_v, v], dim=1)
+    prefix_len = k.shape[1] - q_len
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # (batch, heads, len, head_dim)
+    gqa = num_heads != k.shape[2]
+    if key_mask is None and cu_seqlens is None and prefix_len == 0:
+        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, scale=scale, enable_gqa=gqa)
+        return out.transpose(1, 2)  # (batch, len, heads, head_dim)
+    allowed = attention_allowed(batch, q_len, prefix_len, key_mask, cu_seqlens, causal, q.device)  # (B, Lq, total)
+    empty = ~allowed.any(dim=-1)  # (B, Lq): only causal padded rows
+    if bool(empty.any()):
+        # Let an empty row see its own key so that SDPA stays finite, then zero it: the reference's result.
+        diagonal = torch.zeros_like(allowed)
+        diagonal[:, torch.arange(q_len, device=q.device), torch.arange(prefix_len, prefix_len + q_len, device=q.device)] = True
+        allowed = allowed | (diagonal & empty[..., None])
+    out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=allowed[:, None], scale=scale, enable_gqa=gqa)
+    out = out.transpose(1, 2)  # (batch, len, heads, head_dim)
+    if bool(empty.any()):
+        out = out.masked_fill(empty[:, :, None, None], 0.0)
+    return out

@@ -1,0 +1,602 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The training loop: one code path for a single process, DDP and FSDP under torchrun (spec §6.4-6.6).
+
+The data stream is global (:class:`~dimple_rt.training.data.GlobalOrder`): optimizer step s consumes the next
+``world · accumulation · batch`` stream positions, cut into micro-batches of ``batch``; rank r takes
+micro-batch ``m · world + r`` at accumulation step m. The diffusion noise of a micro-batch is seeded by its
+global index. So what a run computes depends on the global batch only, not on how it is split over ranks, and
+resuming needs just the step and the stream position. The loss of a step is the mean over all its
+micro-batches of each micro-batch's token mean, the authors' objective (``loss_rescale = 1/GA``, then DDP's
+mean over ranks).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dimple_rt.config import DimpleConfig
+from dimple_rt.model.backend import AttentionFn, attention_for
+from dimple_rt.model.dimple import DimpleModel
+from dimple_rt.processor import ImageProcessor
+from dimple_rt.tokenizer import DimpleTokenizer
+from dimple_rt.weights import load_state_dict_into, resolve_model
+
+from . import checkpoint as ckpt
+from .attention import sdpa_attention
+from .config import TrainConfig
+from .data import BadRecordError, Batch, ConversationDataset, GlobalOrder, SampleBuilder, collate
+from .losses import ar_loss, diffusion_loss, mask_for_diffusion
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+# Parameter-name prefixes (the checkpoint's) trained in each stage; the vision tower is always frozen.
+STAGE_TRAINABLE = {
+    "align": ("img_projector.",),
+    "instruct": ("model.", "lm_head.", "img_projector."),
+    "diffusion": ("model.", "lm_head."),
+}
+
+
+def set_trainable(model: DimpleModel, stage: str) -> list[str]:
+    """Set ``requires_grad`` for ``stage`` (spec §6.6) and return the trained parameter names."""
+    prefixes = STAGE_TRAINABLE[stage]
+    if stage == "align" and model.config.vision_config is None:
+        raise ValueError("the align stage trains the image projector, but this model has no vision tower")
+    names = []
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.startswith(prefixes))
+        if param.requires_grad:
+            names.append(name)
+    return names
+
+
+def linear_schedule(step: int, warmup: int, total: int) -> float:
+    """LR multiplier of optimizer step ``step`` (0-based): transformers' linear warmup then linear decay."""
+    if step < warmup:
+        return step / max(1, warmup)
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def noise_seed(seed: int, step: int, micro_batch: int) -> int:
+    """Seed of the diffusion noise of global micro-batch ``micro_batch`` of optimizer step ``step``."""
+    digest = hashlib.sha256(f"dimple-noise/{seed}/{step}/{micro_batch}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class TrainingModule(nn.Module):
+    """The model plus the attention function, with a forward that takes a batch's tensors and returns logits.
+
+    DDP and FSDP wrap this module, so the projector and the decoder both run inside the wrapped forward. The
+    frozen vision tower runs without autograd.
+    """
+
+    def __init__(self, model: DimpleModel, attention: AttentionFn) -> None:
+        super().__init__()
+        self.dimple = model
+        self.attention = attention
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        image_grid_thw: torch.Tensor | None,
+        causal: bool,
+        image_repeats: int = 1,
+    ) -> torch.Tensor:
+        """input_ids, attention_mask: (rows, len); position_ids: (3, rows, len). ``image_repeats`` copies of
+        the images' features fill rows that repeat the batch (dual masking). Returns logits (rows, len, vocab)."""
+        features = None
+        if pixel_values is not None:
+            with torch.no_grad():
+                visual = self.dimple.visual(pixel_values.to(self.dimple.lm_head.weight.dtype), image_grid_thw, self.attention)
+            projector_trains = any(p.requires_grad for p in self.dimple.img_projector.parameters())
+            with nullcontext() if projector_trains else torch.no_grad():
+                features = self.dimple.img_projector(visual)  # (image tokens, hidden)
+            features = features.repeat(image_repeats, 1)  # (repeats · image tokens, hidden), copy-major
+        out = self.dimple(
+            input_ids,
+            self.attention,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            image_features=features,
+            causal=causal,
+        )
+        return out.logits
+
+
+@dataclass
+class DistContext:
+    """Where this process sits in the run."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    reduce_device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    """Where all_reduce tensors live: the GPU under nccl, the CPU under gloo."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def all_reduce(self, values: list[float], op: str = "sum") -> list[float]:
+        """Sum (or max) of a few floats over the ranks, in float64."""
+        if not self.enabled:
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.reduce_device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        return tensor.tolist()
+
+
+def init_distributed(device_kind: str) -> DistContext:
+    """Join the torchrun process group when WORLD_SIZE > 1 (gloo on CPU, nccl on GPU)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistContext()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    reduce_device = torch.device("cuda", local_rank) if device_kind == "cuda" else torch.device("cpu")
+    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, reduce_device)
+
+
+class _StopFlag:
+    """Set by SIGTERM (or a caller); the loop checkpoints and returns at the end of the current step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signal: int | None = None
+
+    def handle(self, signum: int, _frame: Any) -> None:
+        self.requested = True
+        self.signal = signum
+
+
+@contextmanager
+def _sigterm_to(flag: _StopFlag) -> Iterator[None]:
+    try:
+        previous = signal.signal(signal.SIGTERM, flag.handle)
+    except ValueError:  # not the main thread: no handler can be installed, run without one
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class Trainer:
+    """Builds everything a run needs from a :class:`TrainConfig`; :meth:`train` runs it."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        device_kind = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        if device_kind == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA device")
+        self.dist = init_distributed(device_kind)
+        self.device = torch.device("cuda", self.dist.local_rank) if device_kind == "cuda" else torch.device("cpu")
+        if device_kind == "cuda":
+            torch.cuda.set_device(self.device)
+        if config.precision == "auto":
+            bf16 = device_kind == "cuda" and torch.cuda.is_bf16_supported()
+        else:
+            bf16 = config.precision == "bf16"
+        self.autocast_dtype = torch.bfloat16 if bf16 else None
+        self.output_dir = Path(config.output_dir)
+        self.stop = _StopFlag()
+
+        self.source_dir = resolve_model(config.init_model)
+        self.model_config = DimpleConfig.from_json_file(self.source_dir / "config.json")
+        self.tokenizer = DimpleTokenizer.from_pretrained(self.source_dir)
+        processor = ImageProcessor.from_pretrained(self.source_dir) if self.model_config.vision_config else None
+
+        self.resume_dir = self._resume_checkpoint()
+        weights_dir = self.resume_dir if self.resume_dir is not None else self.source_dir
+        with torch.device("meta"):
+            model = DimpleModel(self.model_config)
+        load_state_dict_into(model, weights_dir, dtype=torch.float32, device=self.device)
+        self.trainable_names = set_trainable(model, config.stage)
+        self.model = model
+        attention = sdpa_attention if config.attention == "sdpa" else attention_for("reference")
+        self.module = self._wrap(TrainingModule(model, attention))
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.params = params
+        self.optimizer = torch.optim.AdamW(
+            params,
+            lr=config.lr,
+            betas=(config.adam_beta1, config.adam_beta2),
+            eps=config.adam_epsilon,
+            weight_decay=config.weight_decay,
+        )
+        self.pad_row = (
+            self.model_config.pad_token_id
+            if config.freeze_pad_embedding and "model.embed_tokens.weight" in self.trainable_names
+            else None
+        )
+
+        builder = SampleBuilder(
+            self.tokenizer,
+            processor,
+            max_seq_length=config.max_seq_length,
+            answer_padding=config.answer_padding,
+            answer_length=config.answer_length,
+            system_prompt=config.system_prompt,
+            seed=config.seed,
+        )
+        self.dataset = ConversationDataset(config.train_file, builder, config.on_bad_record)
+        self.order = GlobalOrder(len(self.dataset), config.seed, config.shuffle)
+        self.step = 0
+        self.position = 0
+        self.skipped = len(self.dataset.bad_records)
+        self._fallback: Batch | None = None
+        if self.resume_dir is not None:
+            self._load_training_state(self.resume_dir)
+
+    # ------------------------------------------------------------------------------------------------- set-up
+
+    @property
+    def global_batch(self) -> int:
+        return self.config.per_device_batch_size * self.config.gradient_accumulation_steps * self.dist.world_size
+
+    def _resume_checkpoint(self) -> Path | None:
+        value = self.config.resume_from
+        if value == "none":
+            return None
+        if value == "auto":
+            return ckpt.latest_checkpoint(self.output_dir)
+        path = Path(value)
+        ckpt.read_trainer_state(path)  # a clear error for a folder that is not a checkpoint
+        return path
+
+    def _wrap(self, module: TrainingModule) -> nn.Module:
+        if not self.dist.enabled:
+            return module
+        if self.config.distributed == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            # In the instruct stage a text-only micro-batch leaves the trained projector unused on that rank.
+            unused = self.config.stage == "instruct" and self.model_config.vision_config is not None
+            return DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=unused)
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in module.dimple.model.layers:
+            fully_shard(layer)
+        return fully_shard(module)
+
+    def _load_training_state(self, checkpoint: Path) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        state = ckpt.read_trainer_state(checkpoint)
+        if state["global_batch"] != self.global_batch:
+            raise ValueError(
+                f"{checkpoint} was trained with a global batch of {state['global_batch']}, this run has "
+                f"{self.global_batch} (per-device batch × accumulation × world size): the data stream would differ"
+            )
+        if state["stage"] != self.config.stage:
+            raise ValueError(f"{checkpoint} is a {state['stage']!r} checkpoint, this run is {self.config.stage!r}")
+        self.step = state["step"]
+        self.position = state["position"]
+        self.skipped = state["skipped_records"]
+        options = StateDictOptions(full_state_dict=True)
+        optim_state = ckpt.read_optimizer_state(checkpoint)
+        set_optimizer_state_dict(self.module, self.optimizer, self._prefixed(optim_state), options=options)
+        ckpt.restore_rng_state(checkpoint, self.dist.rank)
+        logger.info("resumed from %s at step %d", checkpoint, self.step)
+
+    @staticmethod
+    def _prefixed(optim_state: dict[str, Any]) -> dict[str, Any]:
+        """Checkpoint parameter names → the training module's (``dimple.`` prefix)."""
+        return {
+            "state": {f"dimple.{name}": value for name, value in optim_state["state"].items()},
+            "param_groups": [
+                {**group, "params": [f"dimple.{name}" for name in group["params"]]} for group in optim_state["param_groups"]
+            ],
+        }
+
+    @staticmethod
+    def _unprefixed(optim_state: dict[str, Any]) -> dict[str, Any]:
+        strip = len("dimple.")
+        return {
+            "state": {name[strip:]: value for name, value in optim_state["state"].items()},
+            "param_groups": [
+                {**group, "params": [name[strip:] for name in group["params"]]} for group in optim_state["param_groups"]
+            ],
+        }
+
+    # --------------------------------------------------------------------------------------------------- data
+
+    def _micro_batch(self, step_start: int, global_index: int) -> Batch | None:
+        """The micro-batch at global index ``global_index`` of the step whose stream starts at ``step_start``;
+        None when all its samples were bad records (skipped)."""
+        size = self.config.per_device_batch_size
+        samples = []
+        for position in range(step_start + global_index * size, step_start + (global_index + 1) * size):
+            epoch, index = self.order[position]
+            try:
+                samples.append(self.dataset.sample(epoch, index))
+            except BadRecordError as err:
+                if self.config.on_bad_record == "error":
+                    raise
+                self._skipped_now += 1
+                logger.warning("skipping bad record %s", err)
+        if not samples:
+            return None
+        return collate(samples, self.tokenizer.pad_token_id, self.model_config).to(self.device)
+
+    # --------------------------------------------------------------------------------------------------- loss
+
+    def micro_batch_loss(self, batch: Batch, step: int, global_index: int) -> torch.Tensor:
+        """The stage's loss of one micro-batch (its token mean), fp32 scalar."""
+        autocast = (
+            torch.autocast(self.device.type, dtype=self.autocast_dtype)
+            if self.autocast_dtype is not None
+            else nullcontext()
+        )
+        if self.config.stage in ("align", "instruct"):
+            with autocast:
+                logits = self.module(
+                    batch.input_ids, batch.attention_mask, batch.position_ids, batch.pixel_values, batch.image_grid_thw, True
+                )
+            return ar_loss(logits, batch.labels)
+        generator = torch.Generator().manual_seed(noise_seed(self.config.seed, step, global_index))
+        noised = mask_for_diffusion(
+            batch.input_ids,
+            batch.mask_locations,
+            self.model_config.mask_token_id,
+            generator,
+            self.config.mask_strategy,
+            self.config.noise_eps,
+        )
+        copies = noised.copies
+        with autocast:
+            logits = self.module(
+                noised.input_ids,
+                batch.attention_mask.repeat(copies, 1),  # (copies·B, L)
+                batch.position_ids.repeat(1, copies, 1),  # (3, copies·B, L)
+                batch.pixel_values,
+                batch.image_grid_thw,
+                False,
+                copies,
+            )
+        return diffusion_loss(logits, noised, self.config.loss_weighting)
+
+    # --------------------------------------------------------------------------------------------------- loop
+
+    def _zero_pad_row_grad(self) -> None:
+        """The authors' embedding has padding_idx = <|endoftext|>: its row never gets a gradient."""
+        if self.pad_row is None:
+            return
+        grad = self.model.model.embed_tokens.weight.grad
+        if grad is None:
+            return
+        if hasattr(grad, "to_local"):  # an FSDP2 DTensor sharded on dim 0 in torch.chunk pieces
+            local = grad.to_local()
+            rows = self.model_config.vocab_size
+            chunk = -(-rows // self.dist.world_size)
+            start = self.dist.rank * chunk
+            if start <= self.pad_row < start + local.shape[0]:
+                local[self.pad_row - start].zero_()
+        else:
+            grad[self.pad_row].zero_()
+
+    def _clip(self) -> float:
+        max_norm = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        return float(norm)
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step; returns its metrics."""
+        config = self.config
+        started = time.perf_counter()
+        accumulation = config.gradient_accumulation_steps
+        lr = config.lr * linear_schedule(self.step, config.num_warmup_steps, config.max_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self._skipped_now = 0
+        loss_sum = 0.0
+        tokens = samples = 0
+        for micro in range(accumulation):
+            global_index = micro * self.dist.world_size + self.dist.rank
+            batch = self._micro_batch(self.position, global_index)
+            weight = 1.0
+            if batch is None:
+                # Every rank must run the same forward/backward: run a batch seen before at weight 0.
+                if self._fallback is None:
+                    raise RuntimeError("a micro-batch has only bad records and there is no earlier batch to stand in")
+                batch, weight = self._fallback, 0.0
+            else:
+                self._fallback = batch
+                tokens += batch.num_tokens
+                samples += batch.num_samples
+            sync = micro == accumulation - 1 or not isinstance(self.module, nn.parallel.DistributedDataParallel)
+            with nullcontext() if sync else self.module.no_sync():
+                loss = self.micro_batch_loss(batch, self.step, global_index) * weight
+                if not loss.requires_grad:
+                    raise RuntimeError(
+                        f"the {config.stage} stage's loss does not depend on any trained parameter in this "
+                        "micro-batch (the align stage trains only the projector: every sample needs an image)"
+                    )
+                (loss / accumulation).backward()
+            loss_sum += float(loss.detach())
+        self._zero_pad_row_grad()
+        grad_norm = self._clip()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_total, tokens, samples, skipped_now = self.dist.all_reduce(
+            [loss_sum, float(tokens), float(samples), float(self._skipped_now)]
+        )
+        self.step += 1
+        self.position += self.global_batch
+        self.skipped += int(skipped_now)
+        elapsed = time.perf_counter() - started
+        return {
+            "step": self.step,
+            "loss": loss_total / (accumulation * self.dist.world_size),
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens_per_s": tokens / elapsed,
+            "samples_per_s": samples / elapsed,
+            "samples": int(samples),
+            "epoch": self.position / len(self.dataset),
+            "skipped_records": self.skipped,
+            "step_time_s": elapsed,
+        }
+
+    def request_stop(self) -> None:
+        """Checkpoint and return at the end of the current step (what SIGTERM does)."""
+        self.stop.requested = True
+
+    def train(self, stop_after: int | None = None) -> list[dict[str, Any]]:
+        """Run until ``max_steps`` (or step ``stop_after``, or SIGTERM); checkpoint at the end.
+
+        Returns the metrics of the steps run by this call (they are also appended to ``metrics.jsonl``).
+        """
+        config = self.config
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if self.dist.is_main and self.skipped:
+            logger.warning("%d bad records skipped while reading %s", self.skipped, config.train_file)
+        history: list[dict[str, Any]] = []
+        bar = None
+        if config.progress_bar and self.dist.is_main:
+            from tqdm import tqdm
+
+            bar = tqdm(total=config.max_steps, initial=self.step, desc=f"train {config.stage}", unit="step")
+        if self.dist.is_main:
+            self._truncate_metrics(self.step)
+        self.module.train()
+        last_saved = None
+        with _sigterm_to(self.stop):
+            while self.step < config.max_steps:
+                metrics = self.train_step()
+                history.append(metrics)
+                if self.dist.is_main:
+                    self._log_metrics(metrics)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", samples_s=f"{metrics['samples_per_s']:.1f}")
+                stop = self.dist.all_reduce([1.0 if self.stop.requested else 0.0], op="max")[0] > 0
+                done = self.step >= config.max_steps or (stop_after is not None and self.step >= stop_after)
+                if stop or done or (config.save_steps and self.step % config.save_steps == 0):
+                    self.save()
+                    last_saved = self.step
+                if stop or done:
+                    break
+        if bar is not None:
+            bar.close()
+        if last_saved != self.step:
+            self.save()
+        if self.stop.signal is not None and self.dist.is_main:
+            logger.warning("stopped by signal %d at step %d; rerun the same command to resume", self.stop.signal, self.step)
+        return history
+
+    # -------------------------------------------------------------------------------------------- persistence
+
+    def _log_metrics(self, metrics: dict[str, Any]) -> None:
+        with (self.output_dir / METRICS_FILE).open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(metrics) + "\n")
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop metric lines of steps after ``step`` (they were run after the checkpoint we resume from)."""
+        path = self.output_dir / METRICS_FILE
+        if not path.is_file():
+            return
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        kept = [line for line in lines if json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+    def _full_states(self) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any] | None]:
+        """The unsharded model and optimizer states under checkpoint names (on rank 0; collective for FSDP)."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        fsdp = self.dist.enabled and self.config.distributed == "fsdp"
+        options = StateDictOptions(full_state_dict=True, cpu_offload=fsdp)
+        if fsdp:
+            model_state = get_model_state_dict(self.module, options=options)
+            model_state = {name.removeprefix("dimple."): tensor for name, tensor in model_state.items()}
+        else:
+            model_state = dict(self.model.state_dict())
+        optim_state = self._unprefixed(get_optimizer_state_dict(self.module, self.optimizer, options=options))
+        if not self.dist.is_main:
+            return None, None
+        return model_state, optim_state
+
+    def save(self) -> Path:
+        """Write ``checkpoint-<step>`` (collective: every rank calls it)."""
+        model_state, optim_state = self._full_states()
+        trainer_state = {
+            "step": self.step,
+            "position": self.position,
+            "skipped_records": self.skipped,
+            "global_batch": self.global_batch,
+            "world_size": self.dist.world_size,
+            "stage": self.config.stage,
+            "scheduler": {
+                "kind": "linear",
+                "warmup_steps": self.config.num_warmup_steps,
+                "total_steps": self.config.max_steps,
+                "next_step": self.step,
+                "peak_lr": self.config.lr,
+            },
+            "config": self.config.to_dict(),
+        }
+        path = ckpt.save_checkpoint(
+            self.output_dir,
+            self.step,
+            rank=self.dist.rank,
+            barrier=self.dist.barrier,
+            source_dir=self.source_dir,
+            config_updates={"full_attn_mask": self.config.stage == "diffusion"},
+            model_state=model_state,
+            optimizer_state=optim_state,
+            trainer_state=trainer_state,
+            max_shard_bytes=self.config.max_shard_bytes,
+        )
+        if self.dist.is_main:
+            ckpt.prune_checkpoints(self.output_dir, self.config.keep_last)
+        self.dist.barrier()
+        return path
+
+    def close(self) -> None:
+        if self.dist.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run(config: TrainConfig) -> list[dict[str, Any]]:
+    """Train with ``config`` (single process, or one rank under torchrun) and return this rank's step metrics."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    trainer = Trainer(config)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()
