@@ -68,6 +68,8 @@ def mask_for_diffusion(
         raise ValueError(f"mask strategy must be one of {MASK_STRATEGIES}, got {strategy!r}")
     if not 0.0 <= eps < 1.0:
         raise ValueError(f"eps must be in [0, 1), got {eps}")
+    if mask_locations.shape[1] and bool(mask_locations[:, 0].any()):
+        raise ValueError("position 0 is maskable, but nothing precedes it to predict it (shifted logits)")
     batch, length = input_ids.shape
     t = (1 - eps) * torch.rand(batch, generator=generator, device=generator.device) + eps  # (B,)
     r = torch.rand(batch, length, generator=generator, device=generator.device)  # (B, L)
@@ -79,8 +81,6 @@ def mask_for_diffusion(
     else:
         masked = torch.cat([below & mask_locations, ~below & mask_locations])  # (2B, L), copy-major
         targets, t_rows, copies = input_ids.repeat(2, 1), t.repeat(2), 2  # (2B, L), (2B,)
-    if bool(masked[:, 0].any()):
-        raise ValueError("position 0 is maskable, but nothing precedes it to predict it (shifted logits)")
     noised = targets.masked_fill(masked, mask_token_id)
     return NoisedBatch(noised, masked, targets, t_rows, copies)
 

@@ -330,7 +330,7 @@ class Trainer:
 
     # --------------------------------------------------------------------------------------------------- data
 
-    def _micro_batch(self, step_start: int, global_index: int) -> Batch | None:
+    def micro_batch(self, step_start: int, global_index: int) -> Batch | None:
         """The micro-batch at global index ``global_index`` of the step whose stream starts at ``step_start``;
         None when all its samples were bad records (skipped)."""
         size = self.config.per_device_batch_size
@@ -387,7 +387,7 @@ class Trainer:
 
     # --------------------------------------------------------------------------------------------------- loop
 
-    def _zero_pad_row_grad(self) -> None:
+    def zero_pad_row_grad(self) -> None:
         """The authors' embedding has padding_idx = <|endoftext|>: its row never gets a gradient."""
         if self.pad_row is None:
             return
@@ -424,7 +424,7 @@ class Trainer:
         tokens = samples = 0
         for micro in range(accumulation):
             global_index = micro * self.dist.world_size + self.dist.rank
-            batch = self._micro_batch(self.position, global_index)
+            batch = self.micro_batch(self.position, global_index)
             weight = 1.0
             if batch is None:
                 # Every rank must run the same forward/backward: run a batch seen before at weight 0.
@@ -445,7 +445,7 @@ class Trainer:
                     )
                 (loss / accumulation).backward()
             loss_sum += float(loss.detach())
-        self._zero_pad_row_grad()
+        self.zero_pad_row_grad()
         grad_norm = self._clip()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -546,10 +546,10 @@ class Trainer:
             model_state = {name.removeprefix("dimple."): tensor for name, tensor in model_state.items()}
         else:
             model_state = dict(self.model.state_dict())
-        optim_state = self._unprefixed(get_optimizer_state_dict(self.module, self.optimizer, options=options))
-        if not self.dist.is_main:
+        optim_state = get_optimizer_state_dict(self.module, self.optimizer, options=options)
+        if not self.dist.is_main:  # with cpu_offload, FSDP gathers the full states on rank 0 only
             return None, None
-        return model_state, optim_state
+        return model_state, self._unprefixed(optim_state)
 
     def save(self) -> Path:
         """Write ``checkpoint-<step>`` (collective: every rank calls it)."""
