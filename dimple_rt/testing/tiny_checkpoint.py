@@ -112,18 +112,23 @@ def write_tiny_checkpoint(
     sizes: TinySizes | None = None,
     dtype: torch.dtype = torch.float32,
     max_shard_bytes: int | None = None,
+    vocab_size: int | None = None,
 ) -> Path:
     """Write a tiny random checkpoint into ``directory`` (created if needed) and return its path.
 
     ``vision=False`` writes a text-only Dream-style checkpoint; ``max_shard_bytes`` writes shards with an
-    index, as large checkpoints are published.
+    index, as large checkpoints are published; ``vocab_size`` pads the model's vocabulary beyond the tokenizer's,
+    as Dimple-7B's 152064 rows exceed its tokenizer (benchmarks use it for real LM-head sizes).
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     sizes = sizes or TinySizes()
     special_ids = write_tiny_tokenizer(directory)
     vocab = json.loads((directory / "vocab.json").read_text(encoding="utf-8"))
-    vocab_size = max(max(vocab.values()), max(special_ids.values())) + 1
+    needed = max(max(vocab.values()), max(special_ids.values())) + 1
+    if vocab_size is not None and vocab_size < needed:
+        raise ValueError(f"vocab_size {vocab_size} is smaller than the tokenizer's {needed} ids")
+    vocab_size = vocab_size or needed
     config = tiny_config(special_ids, vocab_size, sizes, vision)
     _write_json_atomic(directory / "config.json", config.to_dict())
     state = {name: tensor.to(dtype) for name, tensor in random_state_dict(config, seed).items()}
