@@ -19,6 +19,26 @@ TORCH_LIBRARY(dimple_rt, m) {
   m.def(
       "masked_attention(Tensor q, Tensor k, Tensor v, Tensor? prefix_k=None, Tensor? prefix_v=None, "
       "Tensor? key_mask=None, Tensor? cu_seqlens=None, bool causal=False, float? scale=None) -> Tensor");
+
+  // Writes the rotated keys and the values of the current tokens into a preallocated per-layer cache.
+  // cache_k/cache_v: (batch, max_len, kv_heads, head_dim), mutated; k (not yet rotated), v: (batch, len,
+  // kv_heads, head_dim); cos/sin: (batch, len, head_dim) rotary tables, already M-RoPE-section-selected.
+  // cache_k[:, start:start+len] = k·cos + rotate_half(k)·sin (fp32, rounded once), cache_v[...] = v.
+  m.def(
+      "kv_cache_write(Tensor(a!) cache_k, Tensor(b!) cache_v, Tensor k, Tensor v, Tensor cos, Tensor sin, "
+      "int start) -> ()");
+
+  // One denoising step's choice over the masked rows: logits (N, V) in row-major (batch, position) order,
+  // row_ids (N,) int64 non-decreasing batch row of each entry, n (groups,) int64 the fallback count per group
+  // (one group when batch_coupled, else one per batch row). Token: argmax (lowest id) at temperature 0, else
+  // an inverse-CDF draw with uniforms (N,) over the top-p/top-k filtered softmax of logits/temperature.
+  // confidence: "plain" | "margin" | "neg_entropy" of the original or the filtered distribution. commit: per
+  // group, every confidence > threshold if any, else the n most confident (ties to the lowest index).
+  // Returns (x0 (N,) int64, confidence (N,) fp32, commit (N,) bool). Exact semantics: dimple_rt/reference.py.
+  m.def(
+      "confident_select(Tensor logits, Tensor row_ids, Tensor n, *, float temperature=0., float? top_p=None, "
+      "int? top_k=None, Tensor? uniforms=None, str confidence=\"plain\", bool use_original_confidence=True, "
+      "float? threshold=None, bool batch_coupled=True) -> (Tensor x0, Tensor confidence, Tensor commit)");
 }
 
 // `import dimple_rt._C` loads this library (its static initialisers register the ops above) and gets an

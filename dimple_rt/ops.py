@@ -25,7 +25,7 @@ if not getattr(torch.cpu, _ISA_SUPPORTED.get(_C.cpu_capability, ""), lambda: Tru
         "(`pip install --no-build-isolation .`), or with DIMPLE_RT_CPU_ISA=default for a portable build."
     )
 
-__all__ = ["cpu_capability", "cuda_kernels_built", "masked_attention"]
+__all__ = ["confident_select", "cpu_capability", "cuda_kernels_built", "kv_cache_write", "masked_attention"]
 
 
 def cuda_kernels_built() -> bool:
@@ -79,3 +79,114 @@ def _masked_attention_fake(
     # Only what the output's metadata needs; the real kernel checks everything (cu_seqlens' values need data).
     torch._check(q.dim() == 4, lambda: f"masked_attention: q must be 4-D, got {tuple(q.shape)}")
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous, as the kernels return
+
+
+def kv_cache_write(
+    cache_k: torch.Tensor,
+    cache_v: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    start: int,
+) -> None:
+    """Write the current tokens' rotated keys and values into a preallocated per-layer cache, in place.
+
+    cache_k, cache_v: (batch, max_len, kv_heads, head_dim), any strides, mutated; k (NOT yet rotated), v:
+    (batch, len, kv_heads, head_dim), the cache's dtype; cos, sin: (batch, len, head_dim) in any float dtype,
+    from ``dimple_rt.model.rope.rotary_cos_sin`` (M-RoPE sections already selected, so M-RoPE and plain RoPE
+    are the same call). Writes ``cache_k[:, start:start+len] = k·cos + rotate_half(k)·sin`` (fp32 maths,
+    rounded once to the cache dtype; the model's ``apply_rotary`` in bf16 rounds after each op, so the two
+    differ by a few bf16 ulp) and ``cache_v[:, start:start+len] = v``. Requires 0 ≤ start, start + len ≤
+    max_len and an even head_dim. Semantics: :func:`dimple_rt.reference.kv_cache_write`. Bad arguments raise
+    ValueError / TypeError.
+    """
+    torch.ops.dimple_rt.kv_cache_write.default(cache_k, cache_v, k, v, cos, sin, start)
+
+
+@torch.library.register_fake("dimple_rt::kv_cache_write")
+def _kv_cache_write_fake(
+    cache_k: torch.Tensor,
+    cache_v: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    start: int,
+) -> None:
+    # Mutates its first two arguments and returns nothing: no metadata to produce.
+    return None
+
+
+def confident_select(
+    logits: torch.Tensor,
+    row_ids: torch.Tensor,
+    n: torch.Tensor,
+    *,
+    temperature: float = 0.0,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    uniforms: torch.Tensor | None = None,
+    confidence: str = "plain",
+    use_original_confidence: bool = True,
+    threshold: float | None = None,
+    batch_coupled: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One denoising step's token choice, confidence and commit mask for the masked rows, fused in one kernel.
+
+    logits: (N, V) float32/bfloat16/float16, ``logits[mask_index]`` (row-major (batch, position) order; any row
+    stride, a non-contiguous vocabulary dimension is copied); row_ids: (N,) int64, the non-decreasing batch row
+    of each entry (``generation.schedule.masked_row_ids``); n: (groups,) int64 ≥ 0, how many entries each group
+    commits when the threshold path selects nothing there: shape (1,) with ``batch_coupled=True`` (the whole
+    batch is one group, as in the authors' code), else one entry per batch row indexed by row id (rows without
+    masked entries are simply absent from row_ids). n larger than a group commits the whole group.
+
+    temperature 0: x0 is the argmax of the logits, lowest id on ties. temperature > 0: uniforms (N,) float32 in
+    [0, 1) are required and x0 is the inverse-CDF draw (in vocabulary-index order) from softmax(logits /
+    temperature) after top_p (nucleus by descending logit, ties by ascending id, the top token always kept) and
+    top_k (entries ≥ the k-th largest). confidence: "plain" (p[x0]), "margin" (top1 − top2) or "neg_entropy"
+    (Σ p·log(p + 1e-10)) of softmax(logits) if ``use_original_confidence`` else of the filtered distribution.
+    commit, per group: every confidence > threshold if threshold is not None and > 0 and any passes; else the n
+    most confident (ties to the lowest index). For "everything on the last step", pass threshold=None and n =
+    the group size. All maths is fp32 from the logits (sums in float64).
+
+    Returns ``(x0 (N,) int64, confidence (N,) float32, commit (N,) bool)``. Exact semantics and rounding:
+    :func:`dimple_rt.reference.confident_select` (same signature). Bad arguments raise ValueError / TypeError.
+    """
+    return torch.ops.dimple_rt.confident_select.default(
+        logits,
+        row_ids,
+        n,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        uniforms=uniforms,
+        confidence=confidence,
+        use_original_confidence=use_original_confidence,
+        threshold=threshold,
+        batch_coupled=batch_coupled,
+    )
+
+
+@torch.library.register_fake("dimple_rt::confident_select")
+def _confident_select_fake(
+    logits: torch.Tensor,
+    row_ids: torch.Tensor,
+    n: torch.Tensor,
+    *,
+    temperature: float = 0.0,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    uniforms: torch.Tensor | None = None,
+    confidence: str = "plain",
+    use_original_confidence: bool = True,
+    threshold: float | None = None,
+    batch_coupled: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    torch._check(logits.dim() == 2, lambda: f"confident_select: logits must be 2-D, got {tuple(logits.shape)}")
+    num_rows = logits.shape[0]
+    return (
+        torch.empty(num_rows, dtype=torch.int64, device=logits.device),
+        torch.empty(num_rows, dtype=torch.float32, device=logits.device),
+        torch.empty(num_rows, dtype=torch.bool, device=logits.device),
+    )

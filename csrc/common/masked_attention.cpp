@@ -6,30 +6,8 @@
 
 #include <cmath>
 #include <sstream>
-#include <string>
 
 namespace dimple_rt {
-namespace {
-
-// A shape as Python prints a tuple: (2, 3) or (5,).
-std::string shape_str(at::IntArrayRef sizes) {
-  std::ostringstream s;
-  s << "(";
-  for (size_t i = 0; i < sizes.size(); ++i) s << (i ? ", " : "") << sizes[i];
-  s << (sizes.size() == 1 ? ",)" : ")");
-  return s.str();
-}
-
-bool is_float_type(at::ScalarType t) {
-  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
-}
-
-Strides4 strides4(const at::Tensor& t) {
-  return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
-}
-
-}  // namespace
-
 void check_masked_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const std::optional<at::Tensor>& prefix_k, const std::optional<at::Tensor>& prefix_v,
                                  const std::optional<at::Tensor>& key_mask,

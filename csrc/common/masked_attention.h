@@ -8,12 +8,9 @@
 
 #include <ATen/core/Tensor.h>
 
-namespace dimple_rt {
+#include "common/checks.h"
 
-// Element strides of a (batch, seq, head, dim) tensor.
-struct Strides4 {
-  int64_t batch = 0, seq = 0, head = 0, dim = 0;
-};
+namespace dimple_rt {
 
 struct MaskedAttentionParams {
   // Element type of q/k/v/prefix/out is the launcher's template parameter; the pointers are untyped here.

@@ -1,0 +1,63 @@
+// SPDX-License-Identifier: Apache-2.0
+// confident_select argument checks, shared by the launchers. Shapes and options raise ValueError
+// (TORCH_CHECK_VALUE), dtypes TypeError (TORCH_CHECK_TYPE); the list follows dimple_rt/reference.py.
+#include "common/confident_select.h"
+
+#include <cmath>
+#include <string>
+
+namespace dimple_rt {
+
+ConfidenceKind parse_confidence_kind(std::string_view name) {
+  if (name == "plain") return ConfidenceKind::kPlain;
+  if (name == "margin") return ConfidenceKind::kMargin;
+  if (name == "neg_entropy") return ConfidenceKind::kNegEntropy;
+  TORCH_CHECK_VALUE(false, "confident_select: confidence must be one of 'plain', 'margin', 'neg_entropy', got '",
+                    std::string(name), "'");
+}
+
+void check_confident_select_args(const at::Tensor& logits, const at::Tensor& row_ids, const at::Tensor& n,
+                                 double temperature, std::optional<double> top_p, std::optional<int64_t> top_k,
+                                 const std::optional<at::Tensor>& uniforms, std::string_view confidence,
+                                 bool batch_coupled) {
+  TORCH_CHECK_VALUE(logits.dim() == 2, "confident_select: logits must be 2-D (N, vocab), got ",
+                    shape_str(logits.sizes()));
+  TORCH_CHECK_TYPE(is_float_type(logits.scalar_type()),
+                   "confident_select: logits must be float32, bfloat16 or float16, got ", logits.scalar_type());
+  const int64_t num_rows = logits.size(0);
+  TORCH_CHECK_VALUE(logits.size(1) >= 1, "confident_select: logits must have a vocabulary of at least 1, got ",
+                    shape_str(logits.sizes()));
+  TORCH_CHECK_VALUE(row_ids.dim() == 1 && row_ids.size(0) == num_rows,
+                    "confident_select: row_ids must be (N=", num_rows, ",), got ", shape_str(row_ids.sizes()));
+  TORCH_CHECK_TYPE(row_ids.scalar_type() == at::kLong, "confident_select: row_ids must be int64, got ",
+                   row_ids.scalar_type());
+  TORCH_CHECK_VALUE(n.dim() == 1 && n.size(0) >= 1, "confident_select: n must be 1-D (groups,) with >= 1 entry, got ",
+                    shape_str(n.sizes()));
+  TORCH_CHECK_VALUE(!batch_coupled || n.size(0) == 1,
+                    "confident_select: n must be (1,) when batch_coupled (one group), got ", shape_str(n.sizes()));
+  TORCH_CHECK_TYPE(n.scalar_type() == at::kLong, "confident_select: n must be int64, got ", n.scalar_type());
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature >= 0, "confident_select: temperature must be >= 0, got ",
+                    temperature);
+  TORCH_CHECK_VALUE(!top_p.has_value() || (*top_p >= 0 && *top_p <= 1),
+                    "confident_select: top_p must be in [0, 1], got ", top_p.value_or(0));
+  TORCH_CHECK_VALUE(!top_k.has_value() || *top_k >= 1, "confident_select: top_k must be >= 1, got ", top_k.value_or(0));
+  parse_confidence_kind(confidence);
+  if (temperature > 0) {
+    TORCH_CHECK_VALUE(uniforms.has_value(), "confident_select: uniforms (N,) are required when temperature > 0");
+  }
+  if (uniforms.has_value()) {
+    const at::Tensor& u = *uniforms;
+    TORCH_CHECK_VALUE(u.dim() == 1 && u.size(0) == num_rows, "confident_select: uniforms must be (N=", num_rows,
+                      ",), got ", shape_str(u.sizes()));
+    TORCH_CHECK_TYPE(u.scalar_type() == at::kFloat, "confident_select: uniforms must be float32, got ",
+                     u.scalar_type());
+    TORCH_CHECK_VALUE(u.device() == logits.device(), "confident_select: uniforms is on ", u.device(), ", logits on ",
+                      logits.device());
+  }
+  TORCH_CHECK_VALUE(row_ids.device() == logits.device(), "confident_select: row_ids is on ", row_ids.device(),
+                    ", logits on ", logits.device());
+  TORCH_CHECK_VALUE(n.device() == logits.device(), "confident_select: n is on ", n.device(), ", logits on ",
+                    logits.device());
+}
+
+}  // namespace dimple_rt
