@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     forward.add_argument("--backend", default="kernels", choices=["kernels", "reference"])
     forward.set_defaults(func=_forward)
     train = sub.add_parser("train", help="train from a JSON (or YAML) config; also runs under torchrun")
-    train.add_argument("config", help="training config file (see examples/train_tiny.json)")
+    train.add_argument("config", help="JSON/YAML config (python -m dimple_rt.training.synthetic DIR writes an example)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     train.set_defaults(func=_train)
     args = parser.parse_args(argv)

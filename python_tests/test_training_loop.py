@@ -130,22 +130,22 @@ def test_ar_then_diffusion_end_to_end(setup: dict[str, Path], tmp_path: Path) ->
 
 
 def test_resume_is_exact(setup: dict[str, Path], tmp_path: Path) -> None:
-    overrides = {"max_steps": 6, "gradient_accumulation_steps": 2, "mask_strategy": "dual", "save_steps": 0}
+    overrides = {"max_steps": 4, "gradient_accumulation_steps": 2, "mask_strategy": "dual", "save_steps": 0}
     straight = Trainer(_config(setup, tmp_path / "a", **overrides))
     full = straight.train()
 
     first = Trainer(_config(setup, tmp_path / "b", **overrides))
-    head = first.train(stop_after=3)
-    assert [m["step"] for m in head] == [1, 2, 3]
-    resumed = Trainer(_config(setup, tmp_path / "b", **overrides))  # resume_from="auto" finds checkpoint-3
-    assert resumed.step == 3 and resumed.position == 3 * 4
+    head = first.train(stop_after=2)
+    assert [m["step"] for m in head] == [1, 2]
+    resumed = Trainer(_config(setup, tmp_path / "b", **overrides))  # resume_from="auto" finds checkpoint-2
+    assert resumed.step == 2 and resumed.position == 2 * 4
     tail = resumed.train()
     for key in ("loss", "grad_norm", "lr"):
         assert [m[key] for m in head + tail] == [m[key] for m in full], key  # bitwise on CPU fp32
     for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
         assert torch.equal(a, b), name
     logged = [json.loads(line)["step"] for line in (tmp_path / "b" / METRICS_FILE).read_text().splitlines()]
-    assert logged == [1, 2, 3, 4, 5, 6]
+    assert logged == [1, 2, 3, 4]
     with pytest.raises(ValueError, match="global batch"):
         Trainer(_config(setup, tmp_path / "b", **{**overrides, "gradient_accumulation_steps": 1}))
 
@@ -211,7 +211,20 @@ def test_two_process_run_matches_one_process(setup: dict[str, Path], tmp_path: P
             # Softmax ignores a key bias (it adds the same q·b to a whole row), so its gradient is rounding
             # noise, which Adam normalises into lr-sized steps of arbitrary sign: not comparable across runs.
             continue
-        torch.testing.assert_close(saved[name], tensor, atol=1e-5, rtol=1e-4, msg=name)
+        # Adam's first steps are ~lr·sign(grad): an element whose gradient is near rounding noise may step the
+        # other way when the sums are ordered differently, so compare whole tensors, not elements.
+        assert float((saved[name] - tensor).norm()) <= 1e-4 * float(tensor.norm()), name
+
+
+def test_bf16_autocast_and_yaml_config(setup: dict[str, Path], tmp_path: Path) -> None:
+    yaml = pytest.importorskip("yaml")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(_config(setup, tmp_path / "bf16", precision="bf16", max_steps=2, attention="reference").to_dict()))
+    trainer = Trainer(TrainConfig.from_file(path))
+    assert trainer.autocast_dtype == torch.bfloat16
+    history = trainer.train()
+    assert len(history) == 2 and all(torch.isfinite(torch.tensor(m["loss"])) for m in history)
+    assert trainer.model.lm_head.weight.dtype == torch.float32  # fp32 master weights
 
 
 def test_config_validation_and_files(tmp_path: Path) -> None:

@@ -13,7 +13,37 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dimple_rt.reference import attention_allowed, check_masked_attention_args
+from dimple_rt.reference import attention_allowed, check_masked_attention_args, masked_attention
+
+MaybeTensor = torch.Tensor | None
+
+
+def _autocast_inputs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: MaybeTensor, prefix_v: MaybeTensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, MaybeTensor, MaybeTensor]:
+    """Under autocast the rotary tables stay fp32, so q/k come out fp32 while v is bf16; attention runs in the
+    autocast dtype anyway, so bring all of them there. Without autocast the inputs pass unchanged."""
+    if not torch.is_autocast_enabled(q.device.type):
+        return q, k, v, prefix_k, prefix_v
+    dtype = torch.get_autocast_dtype(q.device.type)
+    cast = [None if x is None else x.to(dtype) for x in (q, k, v, prefix_k, prefix_v)]
+    return cast[0], cast[1], cast[2], cast[3], cast[4]
+
+
+def reference_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor | None = None,
+    prefix_v: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """:func:`dimple_rt.reference.masked_attention` (differentiable plain torch), usable under autocast."""
+    q, k, v, prefix_k, prefix_v = _autocast_inputs(q, k, v, prefix_k, prefix_v)
+    return masked_attention(q, k, v, prefix_k, prefix_v, key_mask, cu_seqlens, causal, scale)
 
 
 def sdpa_attention(
@@ -31,6 +61,7 @@ def sdpa_attention(
 
     q: (batch, len, heads, head_dim); k, v: (batch, len, kv_heads, head_dim) → (batch, len, heads, head_dim).
     """
+    q, k, v, prefix_k, prefix_v = _autocast_inputs(q, k, v, prefix_k, prefix_v)
     check_masked_attention_args(q, k, v, prefix_k, prefix_v, key_mask, cu_seqlens)
     batch, q_len, num_heads, _ = q.shape
     if prefix_k is not None:

@@ -46,7 +46,7 @@ def _number(name: str, value: object, low: float, high: float = float("inf"), op
 
 @dataclass
 class TrainConfig:
-    """Everything one training run needs; see ``examples/train_tiny.json``."""
+    """Everything one training run needs; ``python -m dimple_rt.training.synthetic DIR`` writes a tiny example."""
 
     init_model: str = ""
     """Checkpoint to start from: a folder in Hugging Face layout, an alias or a cached repo id."""

@@ -18,7 +18,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,14 +29,14 @@ import torch.distributed as dist
 from torch import nn
 
 from dimple_rt.config import DimpleConfig
-from dimple_rt.model.backend import AttentionFn, attention_for
+from dimple_rt.model.backend import AttentionFn
 from dimple_rt.model.dimple import DimpleModel
 from dimple_rt.processor import ImageProcessor
 from dimple_rt.tokenizer import DimpleTokenizer
 from dimple_rt.weights import load_state_dict_into, resolve_model
 
 from . import checkpoint as ckpt
-from .attention import sdpa_attention
+from .attention import reference_attention, sdpa_attention
 from .config import TrainConfig
 from .data import BadRecordError, Batch, ConversationDataset, GlobalOrder, SampleBuilder, collate
 from .losses import ar_loss, diffusion_loss, mask_for_diffusion
@@ -221,7 +221,7 @@ class Trainer:
         load_state_dict_into(model, weights_dir, dtype=torch.float32, device=self.device)
         self.trainable_names = set_trainable(model, config.stage)
         self.model = model
-        attention = sdpa_attention if config.attention == "sdpa" else attention_for("reference")
+        attention = sdpa_attention if config.attention == "sdpa" else reference_attention
         self.module = self._wrap(TrainingModule(model, attention))
         params = [p for p in model.parameters() if p.requires_grad]
         self.params = params
@@ -253,8 +253,10 @@ class Trainer:
         self.position = 0
         self.skipped = len(self.dataset.bad_records)
         self._fallback: Batch | None = None
+        self._saved_step: int | None = None
         if self.resume_dir is not None:
             self._load_training_state(self.resume_dir)
+            self._saved_step = self.step
 
     # ------------------------------------------------------------------------------------------------- set-up
 
@@ -288,9 +290,11 @@ class Trainer:
             fully_shard(layer)
         return fully_shard(module)
 
-    def _load_training_state(self, checkpoint: Path) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    @property
+    def _fsdp(self) -> bool:
+        return self.dist.enabled and self.config.distributed == "fsdp"
 
+    def _load_training_state(self, checkpoint: Path) -> None:
         state = ckpt.read_trainer_state(checkpoint)
         if state["global_batch"] != self.global_batch:
             raise ValueError(
@@ -302,31 +306,18 @@ class Trainer:
         self.step = state["step"]
         self.position = state["position"]
         self.skipped = state["skipped_records"]
-        options = StateDictOptions(full_state_dict=True)
         optim_state = ckpt.read_optimizer_state(checkpoint)
-        set_optimizer_state_dict(self.module, self.optimizer, self._prefixed(optim_state), options=options)
+        if self._fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            prefixed = _rename_optimizer_state(optim_state, lambda name: f"dimple.{name}")
+            options = StateDictOptions(full_state_dict=True)
+            set_optimizer_state_dict(self.module, self.optimizer, prefixed, options=options)
+        else:
+            index = {name: i for i, name in enumerate(self.trainable_names)}
+            self.optimizer.load_state_dict(_rename_optimizer_state(optim_state, index.__getitem__))
         ckpt.restore_rng_state(checkpoint, self.dist.rank)
         logger.info("resumed from %s at step %d", checkpoint, self.step)
-
-    @staticmethod
-    def _prefixed(optim_state: dict[str, Any]) -> dict[str, Any]:
-        """Checkpoint parameter names → the training module's (``dimple.`` prefix)."""
-        return {
-            "state": {f"dimple.{name}": value for name, value in optim_state["state"].items()},
-            "param_groups": [
-                {**group, "params": [f"dimple.{name}" for name in group["params"]]} for group in optim_state["param_groups"]
-            ],
-        }
-
-    @staticmethod
-    def _unprefixed(optim_state: dict[str, Any]) -> dict[str, Any]:
-        strip = len("dimple.")
-        return {
-            "state": {name[strip:]: value for name, value in optim_state["state"].items()},
-            "param_groups": [
-                {**group, "params": [name[strip:] for name in group["params"]]} for group in optim_state["param_groups"]
-            ],
-        }
 
     # --------------------------------------------------------------------------------------------------- data
 
@@ -491,7 +482,6 @@ class Trainer:
         if self.dist.is_main:
             self._truncate_metrics(self.step)
         self.module.train()
-        last_saved = None
         with _sigterm_to(self.stop):
             while self.step < config.max_steps:
                 metrics = self.train_step()
@@ -505,12 +495,11 @@ class Trainer:
                 done = self.step >= config.max_steps or (stop_after is not None and self.step >= stop_after)
                 if stop or done or (config.save_steps and self.step % config.save_steps == 0):
                     self.save()
-                    last_saved = self.step
                 if stop or done:
                     break
         if bar is not None:
             bar.close()
-        if last_saved != self.step:
+        if self._saved_step != self.step:
             self.save()
         if self.stop.signal is not None and self.dist.is_main:
             logger.warning("stopped by signal %d at step %d; rerun the same command to resume", self.stop.signal, self.step)
@@ -533,23 +522,26 @@ class Trainer:
 
     def _full_states(self) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any] | None]:
         """The unsharded model and optimizer states under checkpoint names (on rank 0; collective for FSDP)."""
+        if not self._fsdp:
+            if not self.dist.is_main:
+                return None, None
+            # The optimizer keys its state by position in its parameter list, which is trainable_names' order.
+            names = self.trainable_names
+            return dict(self.model.state_dict()), _rename_optimizer_state(self.optimizer.state_dict(), names.__getitem__)
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             get_model_state_dict,
             get_optimizer_state_dict,
         )
 
-        fsdp = self.dist.enabled and self.config.distributed == "fsdp"
-        options = StateDictOptions(full_state_dict=True, cpu_offload=fsdp)
-        if fsdp:
-            model_state = get_model_state_dict(self.module, options=options)
-            model_state = {name.removeprefix("dimple."): tensor for name, tensor in model_state.items()}
-        else:
-            model_state = dict(self.model.state_dict())
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_state = get_model_state_dict(self.module, options=options)
         optim_state = get_optimizer_state_dict(self.module, self.optimizer, options=options)
-        if not self.dist.is_main:  # with cpu_offload, FSDP gathers the full states on rank 0 only
+        if not self.dist.is_main:  # with cpu_offload, the full states are gathered on rank 0 only
             return None, None
-        return model_state, self._unprefixed(optim_state)
+        strip = len("dimple.")
+        model_state = {name[strip:]: tensor for name, tensor in model_state.items()}
+        return model_state, _rename_optimizer_state(optim_state, lambda name: name[strip:])
 
     def save(self) -> Path:
         """Write ``checkpoint-<step>`` (collective: every rank calls it)."""
@@ -585,11 +577,20 @@ class Trainer:
         if self.dist.is_main:
             ckpt.prune_checkpoints(self.output_dir, self.config.keep_last)
         self.dist.barrier()
+        self._saved_step = self.step
         return path
 
     def close(self) -> None:
         if self.dist.enabled and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _rename_optimizer_state(state: dict[str, Any], rename: Callable[[Any], Any]) -> dict[str, Any]:
+    """An optimizer state dict with every parameter key (in ``state`` and the groups' ``params``) renamed."""
+    return {
+        "state": {rename(key): value for key, value in state["state"].items()},
+        "param_groups": [{**group, "params": [rename(key) for key in group["params"]]} for group in state["param_groups"]],
+    }
 
 
 def run(config: TrainConfig) -> list[dict[str, Any]]:
