@@ -7,9 +7,10 @@
 //   pass 1  max, lowest argmax and second largest of z (per-lane max1/max2/index, reduced at the end), and
 //           with top-k the k-th largest tempered logit (a candidate buffer above a rising threshold,
 //           compacted with nth_element: O(V + k log V), no sort of the vocabulary);
-//   pass 2  w0 = exp(z − m) and/or wt = exp(z/T − m/T), summed per 64-element block into doubles (the block
-//           sums double as the inverse-CDF table when sampling); with top-p, candidates wt ≥ exp(−24)
-//           (their mass is checked: P ⊆ candidates whenever it exceeds top_p·ΣW);
+//   pass 2  w0 = exp(z − m) and/or wt = exp(z/T − m/T), summed per block of 4 vectors into doubles (the
+//           block sums double as the inverse-CDF table when sampling); the candidates: with top-k the
+//           entries ≥ the k-th largest (the kept set is a rank-order prefix of them), with top-p alone the
+//           entries wt ≥ exp(−24) (their mass is checked: P ⊆ candidates whenever it exceeds top_p·ΣW);
 //   pass 3  only for neg_entropy over a whole distribution: Σ p·log(p + 1e-10).
 // Passes 2/3 re-read the row (from L2/L3: 600 KB per fp32 row of Dimple's 152064-token vocabulary). Top-p
 // picks the nucleus among the candidates by repeated halving with nth_element (linear), sorting only the
@@ -223,13 +224,14 @@ class RowSelector {
     if (top_k_) kth_ = kth.result();
   }
 
-  // Pass 2: S0 = Σ exp(z − m), St = Σ exp(zt − mt) (with block sums when sampling without filters),
-  // and the candidate list of top-p (wt >= e^-24) or of top-k alone (zt >= k-th largest).
+  // Pass 2: S0 = Σ exp(z − m), St = Σ exp(zt − mt) (with block sums when sampling without filters), and
+  // the candidate list: with top-k the entries zt >= k-th largest (the kept set is a prefix of it in rank
+  // order), with top-p alone the entries wt >= e^-24.
   void pass_sums() {
     const bool full_t = need_filtered_ && (top_p_ || !top_k_);  // Σ wt over the whole vocabulary
     const bool blocks = sampling_ && !top_p_ && !top_k_;
-    const bool gather_k = top_k_ && !top_p_;
-    const bool shared = !tempered_ && need_orig_;  // wt == w0
+    const bool gather_p = top_p_ && !top_k_;
+    const bool shared = !tempered_ && need_orig_ && full_t;  // wt == w0: one exp serves both
     const Vec vm(m_), vmt(mt_), vomega(std::exp(-kCandidateGap)), vkth(top_k_ ? kth_ : 0.0f);
     s_.cands.clear();
     s_.block_sums.clear();
@@ -241,15 +243,18 @@ class RowSelector {
         const Vec x = load_logits(row_, i, V_);
         Vec w0(0.0f);
         if (need_orig_) {
-          w0 = (x - vm).exp();
+          // Weights that only feed S0 (a confidence's denominator) take torch's fast softmax exp; weights
+          // that also decide a draw or a cut use the 1-ulp exp, as torch.exp does in the reference.
+          w0 = shared ? (x - vm).exp() : (x - vm).exp_u20();
           acc0 = acc0 + w0;
         }
         if (full_t) {
           const Vec xt = tempered(x);
           const Vec wt = shared ? w0 : (xt - vmt).exp();
           acct = acct + wt;
-          if (top_p_) gather(xt, wt, true_lanes(wt >= vomega) & valid_lanes(i, V_), i);
-        } else if (gather_k) {
+          if (gather_p) gather(xt, wt, true_lanes(wt >= vomega) & valid_lanes(i, V_), i);
+        }
+        if (top_k_) {
           const Vec xt = tempered(x);
           const uint32_t hits = true_lanes(xt >= vkth) & valid_lanes(i, V_);
           if (hits) gather(xt, (xt - vmt).exp(), hits, i);
@@ -291,7 +296,18 @@ class RowSelector {
   // The kept set in vocabulary order (s_.cands) and its mass sk_.
   void build_kept() {
     auto& c = s_.cands;
-    if (top_p_) {
+    if (top_k_) {
+      // The top-k set is closed under "ranked before", so the mass before each of its entries is a prefix sum
+      // inside it, and P ∩ K is the entries of K (in rank order) whose prefix mass is <= top_p·St.
+      if (top_p_) {
+        const double target = p_.top_p * st_;
+        std::sort(c.begin(), c.end(), ranks_before);
+        size_t cut = 0;
+        for (double before = 0.0; cut < c.size() && before <= target; ++cut) before += c[cut].w;
+        c.resize(cut);
+        std::sort(c.begin(), c.end(), [](const Candidate& a, const Candidate& b) { return a.idx < b.idx; });
+      }
+    } else if (top_p_) {
       const double target = p_.top_p * st_;
       double mass = 0.0;
       for (const Candidate& e : c) mass += e.w;
@@ -315,7 +331,6 @@ class RowSelector {
       int64_t cut = lo;
       while (cut < hi && base <= target) base += c[cut++].w;  // keep while the mass before it <= top_p
       c.resize(cut);
-      if (top_k_) c.erase(std::remove_if(c.begin(), c.end(), [&](const Candidate& e) { return e.zt < kth_; }), c.end());
       std::sort(c.begin(), c.end(), [](const Candidate& a, const Candidate& b) { return a.idx < b.idx; });
     }
     double sk = 0.0;
@@ -386,7 +401,7 @@ class RowSelector {
       for (int64_t i = i0; i < i1; i += kVec) {
         Vec x = load_logits(row_, i, V_);
         if (filtered) x = tempered(x);
-        const Vec prob = (x - vm).exp() / vs;
+        const Vec prob = (x - vm).exp_u20() / vs;  // feeds only this sum: the fast exp
         acc = acc + prob * (prob + veps).log();
       }
       total += hsum(acc);
