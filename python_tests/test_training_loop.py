@@ -17,10 +17,12 @@ import torch
 from safetensors.torch import load_file
 
 import dimple_rt
+from dimple_rt.cli import main as cli_main
 from dimple_rt.testing.tiny_checkpoint import write_tiny_checkpoint
 from dimple_rt.training.config import TrainConfig, TrainConfigError
+from dimple_rt.training.data import BadRecordError
 from dimple_rt.training.synthetic import write_synthetic_dataset
-from dimple_rt.training.trainer import METRICS_FILE, Trainer
+from dimple_rt.training.trainer import METRICS_FILE, Trainer, linear_schedule
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SUBPROCESS_TIMEOUT_S = 120
@@ -239,3 +241,18 @@ def test_config_validation_and_files(tmp_path: Path) -> None:
     loaded = TrainConfig.from_file(path, {"stage": "align"})
     assert loaded.train_file == str(tmp_path / "data/t.jsonl") and loaded.stage == "align"
     assert loaded.num_warmup_steps == 3 and loaded.lr == 1e-3
+
+
+def test_linear_schedule_is_transformers_warmup_then_decay() -> None:
+    assert [linear_schedule(step, 2, 10) for step in (0, 1, 2, 6, 10, 11)] == [0.0, 0.5, 1.0, 0.5, 0.0, 0.0]
+    assert [linear_schedule(step, 0, 4) for step in range(4)] == [1.0, 0.75, 0.5, 0.25]
+
+
+def test_bad_record_in_error_mode_stops_the_run(setup: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(BadRecordError, match=rf"^{setup['data']}:13: image file not found"):
+        Trainer(_config(setup, tmp_path, on_bad_record="error"))
+    config = _write_config(_config(setup, tmp_path, on_bad_record="error"), tmp_path / "c.json")
+    assert cli_main(["train", str(config), "--set", "max_steps=1"]) == 2
+    assert f"{setup['data']}:13: image file not found" in capsys.readouterr().err
+    assert cli_main(["train", str(config), "--set", "stage=pretrain"]) == 2
+    assert "stage must be one of" in capsys.readouterr().err

@@ -213,6 +213,18 @@ class Trainer:
         self.model_config = DimpleConfig.from_json_file(self.source_dir / "config.json")
         self.tokenizer = DimpleTokenizer.from_pretrained(self.source_dir)
         processor = ImageProcessor.from_pretrained(self.source_dir) if self.model_config.vision_config else None
+        # The data is read before the model is loaded, so that a bad record in "error" mode fails fast.
+        builder = SampleBuilder(
+            self.tokenizer,
+            processor,
+            max_seq_length=config.max_seq_length,
+            answer_padding=config.answer_padding,
+            answer_length=config.answer_length,
+            system_prompt=config.system_prompt,
+            seed=config.seed,
+        )
+        self.dataset = ConversationDataset(config.train_file, builder, config.on_bad_record)
+        self.order = GlobalOrder(len(self.dataset), config.seed, config.shuffle)
 
         self.resume_dir = self._resume_checkpoint()
         weights_dir = self.resume_dir if self.resume_dir is not None else self.source_dir
@@ -238,17 +250,6 @@ class Trainer:
             else None
         )
 
-        builder = SampleBuilder(
-            self.tokenizer,
-            processor,
-            max_seq_length=config.max_seq_length,
-            answer_padding=config.answer_padding,
-            answer_length=config.answer_length,
-            system_prompt=config.system_prompt,
-            seed=config.seed,
-        )
-        self.dataset = ConversationDataset(config.train_file, builder, config.on_bad_record)
-        self.order = GlobalOrder(len(self.dataset), config.seed, config.shuffle)
         self.step = 0
         self.position = 0
         self.skipped = len(self.dataset.bad_records)
@@ -403,7 +404,12 @@ class Trainer:
         return float(norm)
 
     def train_step(self) -> dict[str, Any]:
-        """One optimizer step; returns its metrics."""
+        """One optimizer step; returns its metrics (the ``metrics.jsonl`` line).
+
+        loss: mean over the step's micro-batches (all ranks) of their token-mean loss; lr: the rate used; grad_norm:
+        the total norm before clipping; tokens_per_s / samples_per_s: real (unpadded) tokens and samples of the
+        whole step (all ranks, dual copies counted once) over the step's wall time, data preparation included.
+        """
         config = self.config
         started = time.perf_counter()
         accumulation = config.gradient_accumulation_steps
