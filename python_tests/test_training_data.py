@@ -95,9 +95,9 @@ def test_sample_of_a_fixed_conversation(tmp_path: Path, tokenizer: DimpleTokeniz
     answer1, answer2 = answer + [pad] * pads[0], second + [pad] * pads[1]
     assert sample.input_ids == prompt1 + answer1 + prompt2 + answer2
     assert sample.labels == [IGNORE_INDEX] * len(prompt1) + answer1 + [IGNORE_INDEX] * len(prompt2) + answer2
-    assert sample.mask_locations == [False] * len(prompt1) + [True] * len(answer1) + [False] * len(prompt2) + [True] * len(
-        answer2
-    )
+    assert sample.mask_locations == [False] * len(prompt1) + [True] * len(answer1) + [False] * len(prompt2) + [
+        True
+    ] * len(answer2)
     # The first prompt is token for token the chat template's (spec §6.2), image placeholders expanded.
     content = [{"type": "image"}, {"type": "text", "text": "\nWhat colour is the shape?"}]
     template = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
@@ -112,7 +112,10 @@ def test_sample_of_a_fixed_conversation(tmp_path: Path, tokenizer: DimpleTokeniz
 
 def test_dynamic_pad_lengths_cover_their_range(tmp_path: Path, tokenizer: DimpleTokenizer) -> None:
     answer = "A green triangle sits on top of a yellow rectangle."  # n ≥ 8: upper is 16 or a multiple of 16
-    _write_jsonl(tmp_path / "t.jsonl", [{"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": answer}]}])
+    _write_jsonl(
+        tmp_path / "t.jsonl",
+        [{"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": answer}]}],
+    )
     dataset = ConversationDataset(tmp_path / "t.jsonl", SampleBuilder(tokenizer, None, seed=7))
     n = len(tokenizer.encode(answer))
     upper = dynamic_padding_upper(n)
@@ -127,26 +130,41 @@ def test_dynamic_pad_lengths_cover_their_range(tmp_path: Path, tokenizer: Dimple
     # A pure function of (seed, epoch, index): rebuilding gives the same sample, another seed another stream.
     assert dataset.sample(5, 0).input_ids == dataset.sample(5, 0).input_ids
     other = ConversationDataset(tmp_path / "t.jsonl", SampleBuilder(tokenizer, None, seed=8))
-    assert [len(other.sample(e, 0).input_ids) for e in range(20)] != [len(dataset.sample(e, 0).input_ids) for e in range(20)]
+    assert [len(other.sample(e, 0).input_ids) for e in range(20)] != [
+        len(dataset.sample(e, 0).input_ids) for e in range(20)
+    ]
 
 
 def test_fixed_padding_pads_or_truncates(tmp_path: Path, tokenizer: DimpleTokenizer) -> None:
     (record,), _ = read_records(
-        _write_jsonl(tmp_path / "t.jsonl", [{"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": ANSWER}]}])
+        _write_jsonl(
+            tmp_path / "t.jsonl",
+            [{"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": ANSWER}]}],
+        )
     )
     ids = tokenizer.encode(ANSWER)
     for length in (3, len(ids), len(ids) + 5):
-        sample = SampleBuilder(tokenizer, None, answer_padding="fixed", answer_length=length).build(record, random.Random(0))
+        sample = SampleBuilder(tokenizer, None, answer_padding="fixed", answer_length=length).build(
+            record, random.Random(0)
+        )
         expected = (ids + [tokenizer.pad_token_id] * length)[:length]
         assert sample.input_ids[-length:] == expected and sum(sample.mask_locations) == length
 
 
-def test_bad_records_are_reported_with_file_and_line(tmp_path: Path, tokenizer: DimpleTokenizer, processor: ImageProcessor) -> None:
+def test_bad_records_are_reported_with_file_and_line(
+    tmp_path: Path, tokenizer: DimpleTokenizer, processor: ImageProcessor
+) -> None:
     draw_shape("blue", "square", IMAGE_SIZE).save(tmp_path / "ok.png")
-    good = {"messages": [{"role": "user", "content": "<image>Q"}, {"role": "assistant", "content": "A"}], "images": ["ok.png"]}
+    good = {
+        "messages": [{"role": "user", "content": "<image>Q"}, {"role": "assistant", "content": "A"}],
+        "images": ["ok.png"],
+    }
     lines = [
         good,
-        {"messages": [{"role": "user", "content": "<image>Q"}, {"role": "assistant", "content": "A"}], "images": ["nope.png"]},
+        {
+            "messages": [{"role": "user", "content": "<image>Q"}, {"role": "assistant", "content": "A"}],
+            "images": ["nope.png"],
+        },
         {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}], "images": ["ok.png"]},
         {"messages": [{"role": "system", "content": "S"}, {"role": "assistant", "content": "A"}]},
         {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "  "}]},
@@ -184,16 +202,27 @@ def test_global_order_is_a_permutation_per_epoch() -> None:
     assert [GlobalOrder(5, seed=3, shuffle=False)[p][1] for p in range(5)] == list(range(5))
 
 
-def test_collator_right_pads_and_positions(tmp_path: Path, tokenizer: DimpleTokenizer, processor: ImageProcessor, checkpoint: Path) -> None:
+def test_collator_right_pads_and_positions(
+    tmp_path: Path, tokenizer: DimpleTokenizer, processor: ImageProcessor, checkpoint: Path
+) -> None:
     config = DimpleConfig.from_json_file(checkpoint / "config.json")
     draw_shape("red", "circle", IMAGE_SIZE).save(tmp_path / "a.png")
     draw_shape("blue", "square", (56, 112)).save(tmp_path / "b.png")
     path = _write_jsonl(
         tmp_path / "c.jsonl",
         [
-            {"messages": [{"role": "user", "content": "<image>Hi"}, {"role": "assistant", "content": "A long answer here."}], "images": ["a.png"]},
+            {
+                "messages": [
+                    {"role": "user", "content": "<image>Hi"},
+                    {"role": "assistant", "content": "A long answer here."},
+                ],
+                "images": ["a.png"],
+            },
             {"messages": [{"role": "user", "content": "Text only"}, {"role": "assistant", "content": "Ok"}]},
-            {"messages": [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "B"}], "images": ["b.png"]},
+            {
+                "messages": [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "B"}],
+                "images": ["b.png"],
+            },
         ],
     )
     dataset = ConversationDataset(path, SampleBuilder(tokenizer, processor))

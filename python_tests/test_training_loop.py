@@ -34,7 +34,15 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     model = write_tiny_checkpoint(root / "model")
     data = write_synthetic_dataset(root / "data", num_records=12, text_only_every=4)
     with data.open("a", encoding="utf-8") as handle:  # line 13: a bad record, skipped with a warning
-        handle.write(json.dumps({"messages": [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "x"}], "images": ["gone.png"]}) + "\n")
+        handle.write(
+            json.dumps(
+                {
+                    "messages": [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "x"}],
+                    "images": ["gone.png"],
+                }
+            )
+            + "\n"
+        )
     return {"root": root, "model": model, "data": data}
 
 
@@ -72,7 +80,9 @@ EXPECTED_TRAINED = {
 
 
 @pytest.mark.parametrize("stage", sorted(EXPECTED_TRAINED))
-def test_stage_freezing_gives_gradients_exactly_where_trained(setup: dict[str, Path], tmp_path: Path, stage: str) -> None:
+def test_stage_freezing_gives_gradients_exactly_where_trained(
+    setup: dict[str, Path], tmp_path: Path, stage: str
+) -> None:
     trainer = Trainer(_config(setup, tmp_path, stage=stage, mask_strategy="dual", noise_eps=0.5))
     names = [name for name, _ in trainer.model.named_parameters()]
     expected = {name for name in names if EXPECTED_TRAINED[stage](name)}
@@ -108,7 +118,14 @@ def test_ar_then_diffusion_end_to_end(setup: dict[str, Path], tmp_path: Path) ->
     assert json.loads((ar_checkpoint / "config.json").read_text())["full_attn_mask"] is False
 
     diffusion = Trainer(
-        _config(setup, tmp_path / "dlm", init_model=str(ar_checkpoint), max_steps=8, per_device_batch_size=4, mask_strategy="dual")
+        _config(
+            setup,
+            tmp_path / "dlm",
+            init_model=str(ar_checkpoint),
+            max_steps=8,
+            per_device_batch_size=4,
+            mask_strategy="dual",
+        )
     )
     before = _fixed_batch_loss(diffusion)
     diffusion.train()
@@ -116,13 +133,28 @@ def test_ar_then_diffusion_end_to_end(setup: dict[str, Path], tmp_path: Path) ->
     assert after < before, (before, after)
 
     final = tmp_path / "dlm" / "checkpoint-8"
-    for name in ("config.json", "model.safetensors", "vocab.json", "merges.txt", "tokenizer_config.json", "preprocessor_config.json"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "vocab.json",
+        "merges.txt",
+        "tokenizer_config.json",
+        "preprocessor_config.json",
+    ):
         assert (final / name).is_file(), name
     rt = dimple_rt.Runtime(final, backend="reference")
     state = load_file(final / "model.safetensors")
     torch.testing.assert_close(rt.model.lm_head.weight, diffusion.model.lm_head.weight.detach(), atol=0, rtol=0)
     assert set(state) == set(rt.model.state_dict())
-    conversation = [{"role": "user", "content": [{"type": "image", "image": str(setup["data"].parent / "images" / "0000.png")}, {"type": "text", "text": "What colour is the shape?"}]}]
+    conversation = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": str(setup["data"].parent / "images" / "0000.png")},
+                {"type": "text", "text": "What colour is the shape?"},
+            ],
+        }
+    ]
     inputs = rt.prepare(conversation)
     logits = rt.forward(inputs.input_ids, inputs.attention_mask, inputs.pixel_values, inputs.image_grid_thw)
     assert logits.shape[:2] == inputs.input_ids.shape and bool(torch.isfinite(logits).all())
@@ -191,17 +223,26 @@ def test_sigterm_writes_a_checkpoint(setup: dict[str, Path], tmp_path: Path) -> 
 @pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
 def test_two_process_run_matches_one_process(setup: dict[str, Path], tmp_path: Path, wrapper: str) -> None:
     ddp_config = _config(
-        setup, tmp_path / "ddp", max_steps=3, per_device_batch_size=1, gradient_accumulation_steps=1, distributed=wrapper
+        setup,
+        tmp_path / "ddp",
+        max_steps=3,
+        per_device_batch_size=1,
+        gradient_accumulation_steps=1,
+        distributed=wrapper,
     )
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
         "-m", "dimple_rt.training", str(_write_config(ddp_config, tmp_path / "ddp.json")),
     ]  # fmt: skip
-    done = subprocess.run(command, check=False, env=_subprocess_env(), capture_output=True, timeout=SUBPROCESS_TIMEOUT_S)
+    done = subprocess.run(
+        command, check=False, env=_subprocess_env(), capture_output=True, timeout=SUBPROCESS_TIMEOUT_S
+    )
     assert done.returncode == 0, done.stderr.decode()[-4000:]
     ddp = [json.loads(line) for line in (tmp_path / "ddp" / METRICS_FILE).read_text().splitlines()]
 
-    single = Trainer(_config(setup, tmp_path / "one", max_steps=3, per_device_batch_size=1, gradient_accumulation_steps=2))
+    single = Trainer(
+        _config(setup, tmp_path / "one", max_steps=3, per_device_batch_size=1, gradient_accumulation_steps=2)
+    )
     alone = single.train()
     assert [m["step"] for m in ddp] == [1, 2, 3] and [m["samples"] for m in ddp] == [2, 2, 2]
     for a, b in zip(ddp, alone):
@@ -221,7 +262,11 @@ def test_two_process_run_matches_one_process(setup: dict[str, Path], tmp_path: P
 def test_bf16_autocast_and_yaml_config(setup: dict[str, Path], tmp_path: Path) -> None:
     yaml = pytest.importorskip("yaml")
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(_config(setup, tmp_path / "bf16", precision="bf16", max_steps=2, attention="reference").to_dict()))
+    path.write_text(
+        yaml.safe_dump(
+            _config(setup, tmp_path / "bf16", precision="bf16", max_steps=2, attention="reference").to_dict()
+        )
+    )
     trainer = Trainer(TrainConfig.from_file(path))
     assert trainer.autocast_dtype == torch.bfloat16
     history = trainer.train()
@@ -248,7 +293,9 @@ def test_linear_schedule_is_transformers_warmup_then_decay() -> None:
     assert [linear_schedule(step, 0, 4) for step in range(4)] == [1.0, 0.75, 0.5, 0.25]
 
 
-def test_bad_record_in_error_mode_stops_the_run(setup: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_bad_record_in_error_mode_stops_the_run(
+    setup: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     with pytest.raises(BadRecordError, match=rf"^{setup['data']}:13: image file not found"):
         Trainer(_config(setup, tmp_path, on_bad_record="error"))
     config = _write_config(_config(setup, tmp_path, on_bad_record="error"), tmp_path / "c.json")

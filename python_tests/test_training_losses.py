@@ -25,13 +25,19 @@ def _hand_ce(logits: torch.Tensor, row: int, position: int, target: int) -> floa
 
 def test_ar_loss_is_the_shifted_token_mean() -> None:
     logits = torch.randn(2, 5, VOCAB, generator=torch.Generator().manual_seed(0))
-    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 3, 4, IGNORE_INDEX], [IGNORE_INDEX, 1, 2, IGNORE_INDEX, IGNORE_INDEX]])
-    expected = [_hand_ce(logits, b, p, int(labels[b, p])) for b in range(2) for p in range(1, 5) if labels[b, p] != IGNORE_INDEX]
+    labels = torch.tensor(
+        [[IGNORE_INDEX, IGNORE_INDEX, 3, 4, IGNORE_INDEX], [IGNORE_INDEX, 1, 2, IGNORE_INDEX, IGNORE_INDEX]]
+    )
+    expected = [
+        _hand_ce(logits, b, p, int(labels[b, p])) for b in range(2) for p in range(1, 5) if labels[b, p] != IGNORE_INDEX
+    ]
     got = ar_loss(logits, labels)
     assert got.dtype == torch.float32
     assert math.isclose(float(got), sum(expected) / len(expected), rel_tol=1e-6)
     # bf16 logits are upcast before the CE: the loss is the fp32 loss of the bf16 values.
-    assert math.isclose(float(ar_loss(logits.bfloat16(), labels)), float(ar_loss(logits.bfloat16().float(), labels)), rel_tol=1e-7)
+    assert math.isclose(
+        float(ar_loss(logits.bfloat16(), labels)), float(ar_loss(logits.bfloat16().float(), labels)), rel_tol=1e-7
+    )
 
 
 def test_ar_loss_without_labels_is_an_exact_zero_with_a_gradient() -> None:
@@ -70,7 +76,9 @@ def test_masking_statistics_follow_t() -> None:
     batch, length = 64, 2048
     locations = torch.ones(batch, length, dtype=torch.bool)
     locations[:, 0] = False
-    noised = mask_for_diffusion(torch.zeros(batch, length, dtype=torch.long), locations, MASK_ID, torch.Generator().manual_seed(0))
+    noised = mask_for_diffusion(
+        torch.zeros(batch, length, dtype=torch.long), locations, MASK_ID, torch.Generator().manual_seed(0)
+    )
     assert float(noised.t.min()) >= 1e-3 and float(noised.t.max()) < 1.0
     fraction = noised.masked[:, 1:].float().mean(1)  # (batch,)
     # Binomial(2047, t): the standard deviation of the fraction is at most 0.5/sqrt(2047) ≈ 0.011; 5 sigma.
@@ -93,7 +101,9 @@ def test_dual_masking_is_complementary() -> None:
 
 def test_position_zero_cannot_be_maskable() -> None:
     with pytest.raises(ValueError, match="position 0"):
-        mask_for_diffusion(torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 4, dtype=torch.bool), MASK_ID, torch.Generator())
+        mask_for_diffusion(
+            torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 4, dtype=torch.bool), MASK_ID, torch.Generator()
+        )
 
 
 @pytest.mark.parametrize("weighting", ["none", "inverse_t"])

@@ -79,7 +79,9 @@ def sdpa_attention(
     if bool(empty.any()):
         # Let an empty row see its own key so that SDPA stays finite, then zero it: the reference's result.
         diagonal = torch.zeros_like(allowed)
-        diagonal[:, torch.arange(q_len, device=q.device), torch.arange(prefix_len, prefix_len + q_len, device=q.device)] = True
+        diagonal[
+            :, torch.arange(q_len, device=q.device), torch.arange(prefix_len, prefix_len + q_len, device=q.device)
+        ] = True
         allowed = allowed | (diagonal & empty[..., None])
     out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=allowed[:, None], scale=scale, enable_gqa=gqa)
     out = out.transpose(1, 2)  # (batch, len, heads, head_dim)

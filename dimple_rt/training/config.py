@@ -138,7 +138,13 @@ class TrainConfig:
         _choice("device", self.device, ("auto", "cpu", "cuda"))
         _choice("attention", self.attention, ("sdpa", "reference"))
         _choice("distributed", self.distributed, ("ddp", "fsdp"))
-        for name in ("max_seq_length", "answer_length", "per_device_batch_size", "gradient_accumulation_steps", "max_steps"):
+        for name in (
+            "max_seq_length",
+            "answer_length",
+            "per_device_batch_size",
+            "gradient_accumulation_steps",
+            "max_steps",
+        ):
             _positive_int(name, getattr(self, name))
         for name in ("save_steps", "keep_last", "seed"):
             _positive_int(name, getattr(self, name), allow_zero=True)

@@ -233,7 +233,9 @@ class SampleBuilder:
             if message["role"] == "user":
                 pieces = content.split(IMAGE_PLACEHOLDER)
                 content = pieces[0] + "".join(next(image_text) + piece for piece in pieces[1:])
-                append(self.tokenizer.encode(f"\n<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"), False)
+                append(
+                    self.tokenizer.encode(f"\n<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"), False
+                )
             else:
                 ids = self.tokenizer.encode(content)
                 length = padded_answer_length(len(ids), self.answer_padding, rng, self.answer_length)
@@ -320,11 +322,7 @@ class Batch:
         return int(self.attention_mask.sum())
 
     def to(self, device: torch.device | str) -> Batch:
-        moved = {
-            name: None if value is None else value.to(device)
-            for name, value in vars(self).items()
-        }
-        return Batch(**moved)
+        return Batch(**{name: None if value is None else value.to(device) for name, value in vars(self).items()})
 
 
 def collate(samples: Sequence[Sample], pad_token_id: int, config: DimpleConfig) -> Batch:

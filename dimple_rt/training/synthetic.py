@@ -34,7 +34,9 @@ def draw_shape(colour: str, shape: str, size: tuple[int, int] = (84, 56)) -> Ima
     return image
 
 
-def write_synthetic_dataset(directory: str | Path, num_records: int = 8, seed: int = 0, text_only_every: int = 0) -> Path:
+def write_synthetic_dataset(
+    directory: str | Path, num_records: int = 8, seed: int = 0, text_only_every: int = 0
+) -> Path:
     """Write ``num_records`` conversations (one image each, relative paths) to ``directory/train.jsonl``.
 
     With ``text_only_every = k > 0`` every k-th record has no image (a plain text question).

@@ -105,7 +105,9 @@ class TrainingModule(nn.Module):
         features = None
         if pixel_values is not None:
             with torch.no_grad():
-                visual = self.dimple.visual(pixel_values.to(self.dimple.lm_head.weight.dtype), image_grid_thw, self.attention)
+                visual = self.dimple.visual(
+                    pixel_values.to(self.dimple.lm_head.weight.dtype), image_grid_thw, self.attention
+                )
             projector_trains = any(p.requires_grad for p in self.dimple.img_projector.parameters())
             with nullcontext() if projector_trains else torch.no_grad():
                 features = self.dimple.img_projector(visual)  # (image tokens, hidden)
@@ -352,7 +354,12 @@ class Trainer:
         if self.config.stage in ("align", "instruct"):
             with autocast:
                 logits = self.module(
-                    batch.input_ids, batch.attention_mask, batch.position_ids, batch.pixel_values, batch.image_grid_thw, True
+                    batch.input_ids,
+                    batch.attention_mask,
+                    batch.position_ids,
+                    batch.pixel_values,
+                    batch.image_grid_thw,
+                    True,
                 )
             return ar_loss(logits, batch.labels)
         generator = torch.Generator().manual_seed(noise_seed(self.config.seed, step, global_index))
@@ -508,7 +515,9 @@ class Trainer:
         if self._saved_step != self.step:
             self.save()
         if self.stop.signal is not None and self.dist.is_main:
-            logger.warning("stopped by signal %d at step %d; rerun the same command to resume", self.stop.signal, self.step)
+            logger.warning(
+                "stopped by signal %d at step %d; rerun the same command to resume", self.stop.signal, self.step
+            )
         return history
 
     # -------------------------------------------------------------------------------------------- persistence
@@ -533,7 +542,9 @@ class Trainer:
                 return None, None
             # The optimizer keys its state by position in its parameter list, which is trainable_names' order.
             names = self.trainable_names
-            return dict(self.model.state_dict()), _rename_optimizer_state(self.optimizer.state_dict(), names.__getitem__)
+            return dict(self.model.state_dict()), _rename_optimizer_state(
+                self.optimizer.state_dict(), names.__getitem__
+            )
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             get_model_state_dict,
@@ -595,7 +606,9 @@ def _rename_optimizer_state(state: dict[str, Any], rename: Callable[[Any], Any])
     """An optimizer state dict with every parameter key (in ``state`` and the groups' ``params``) renamed."""
     return {
         "state": {rename(key): value for key, value in state["state"].items()},
-        "param_groups": [{**group, "params": [rename(key) for key in group["params"]]} for group in state["param_groups"]],
+        "param_groups": [
+            {**group, "params": [rename(key) for key in group["params"]]} for group in state["param_groups"]
+        ],
     }
 
 
