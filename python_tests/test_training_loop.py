@@ -1,11 +1,13 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The training loop on the tiny checkpoint and drawn data: stage freezing, AR then diffusion end to end,
-exact resume, SIGTERM, and a 2-process gloo DDP run against the 1-process run with the same global batch."""
+"""The training loop on the tiny checkpoint and drawn data: stage freezing, AR then diffusion end to end, exact
+resume, SIGTERM, and 2-process gloo DDP and FSDP runs against the 1-process run with the same global batch
+(including a 1-process resume of their checkpoints)."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -130,7 +132,7 @@ def test_ar_then_diffusion_end_to_end(setup: dict[str, Path], tmp_path: Path) ->
     before = _fixed_batch_loss(diffusion)
     diffusion.train()
     after = _fixed_batch_loss(diffusion)
-    assert after < before, (before, after)
+    assert after < 0.85 * before, (before, after)
 
     final = tmp_path / "dlm" / "checkpoint-8"
     for name in (
@@ -158,9 +160,8 @@ def test_ar_then_diffusion_end_to_end(setup: dict[str, Path], tmp_path: Path) ->
     inputs = rt.prepare(conversation)
     logits = rt.forward(inputs.input_ids, inputs.attention_mask, inputs.pixel_values, inputs.image_grid_thw)
     assert logits.shape[:2] == inputs.input_ids.shape and bool(torch.isfinite(logits).all())
-    if hasattr(rt, "generate"):
-        result = rt.generate(conversation, max_new_tokens=8, steps=8)
-        assert isinstance(result.text, str) and result.num_forward_passes >= 1
+    result = rt.generate(conversation, max_new_tokens=8, steps=8)
+    assert isinstance(result.text, str) and 1 <= result.num_forward_passes <= 8
 
 
 def test_resume_is_exact(setup: dict[str, Path], tmp_path: Path) -> None:
@@ -229,6 +230,7 @@ def test_two_process_run_matches_one_process(setup: dict[str, Path], tmp_path: P
         per_device_batch_size=1,
         gradient_accumulation_steps=1,
         distributed=wrapper,
+        save_steps=2,
     )
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -257,6 +259,16 @@ def test_two_process_run_matches_one_process(setup: dict[str, Path], tmp_path: P
         # Adam's first steps are ~lr·sign(grad): an element whose gradient is near rounding noise may step the
         # other way when the sums are ordered differently, so compare whole tensors, not elements.
         assert float((saved[name] - tensor).norm()) <= 1e-4 * float(tensor.norm()), name
+
+    # The checkpoint does not depend on the world size: one process resumes the 2-process run at step 2.
+    shutil.rmtree(tmp_path / "ddp" / "checkpoint-3")
+    resumed = Trainer(
+        _config(setup, tmp_path / "ddp", max_steps=3, per_device_batch_size=1, gradient_accumulation_steps=2)
+    )
+    assert resumed.step == 2
+    (step3,) = resumed.train()
+    assert step3["loss"] == pytest.approx(ddp[2]["loss"], rel=1e-5)
+    assert step3["grad_norm"] == pytest.approx(ddp[2]["grad_norm"], rel=1e-4)
 
 
 def test_bf16_autocast_and_yaml_config(setup: dict[str, Path], tmp_path: Path) -> None:
