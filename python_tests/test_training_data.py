@@ -191,6 +191,16 @@ def test_bad_records_are_reported_with_file_and_line(
     with pytest.raises(BadRecordError, match=rf"^{path}:8: sample has \d+ tokens, more than max_seq_length=64"):
         builder.build(records[1], random.Random(0))
 
+    # A file that exists but is no image passes the read-time checks and is reported when built.
+    (tmp_path / "broken.png").write_text("not a picture")
+    broken = {
+        "messages": [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "A"}],
+        "images": ["broken.png"],
+    }
+    (record,), _ = read_records(_write_jsonl(tmp_path / "broken.jsonl", [broken]))
+    with pytest.raises(BadRecordError, match=rf"^{tmp_path / 'broken.jsonl'}:1: cannot read image .*broken.png"):
+        builder.build(record, random.Random(0))
+
 
 def test_global_order_is_a_permutation_per_epoch() -> None:
     order = GlobalOrder(5, seed=3)

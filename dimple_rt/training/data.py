@@ -21,6 +21,7 @@ the file is read, the ones that need the images (a sample too long) when the sam
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -198,18 +199,21 @@ class SampleBuilder:
             return None, None
         if self.processor is None:
             raise BadRecordError(record.source, "the model has no vision tower but the record has images")
-        regularized = []
-        for path in record.images:
-            try:
-                with PIL.Image.open(path) as image:
+        # The files stay open until the processor is done: regularize_image may hand back the opened image
+        # itself, and older Pillow makes a closed image unusable.
+        with contextlib.ExitStack() as files:
+            regularized = []
+            for path in record.images:
+                try:
+                    image = files.enter_context(PIL.Image.open(path))
                     image.load()
                     regularized.append(regularize_image(image, self.processor.min_pixels, self.processor.max_pixels))
-            except (OSError, ValueError) as err:
-                raise BadRecordError(record.source, f"cannot read image {path}: {err}") from err
-        try:
-            processed = self.processor(regularized)
-        except ValueError as err:
-            raise BadRecordError(record.source, f"image preprocessing failed: {err}") from err
+                except (OSError, ValueError) as err:
+                    raise BadRecordError(record.source, f"cannot read image {path}: {err}") from err
+            try:
+                processed = self.processor(regularized)
+            except ValueError as err:
+                raise BadRecordError(record.source, f"image preprocessing failed: {err}") from err
         return processed.pixel_values, processed.image_grid_thw
 
     def build(self, record: Record, rng: random.Random) -> Sample:

@@ -256,6 +256,7 @@ class Trainer:
         self.position = 0
         self.skipped = len(self.dataset.bad_records)
         self._fallback: Batch | None = None
+        self._skipped_now = 0  # bad records met while building the current step's micro-batches
         self._saved_step: int | None = None
         if self.resume_dir is not None:
             self._load_training_state(self.resume_dir)
