@@ -315,3 +315,20 @@ def test_bad_record_in_error_mode_stops_the_run(
     assert f"{setup['data']}:13: image file not found" in capsys.readouterr().err
     assert cli_main(["train", str(config), "--set", "stage=pretrain"]) == 2
     assert "stage must be one of" in capsys.readouterr().err
+
+
+def test_micro_batch_of_only_bad_records_counts_as_zero(setup: dict[str, Path], tmp_path: Path) -> None:
+    lines = setup["data"].read_text().splitlines()[:3]
+    too_long = {"messages": [{"role": "user", "content": "Q " * 300}, {"role": "assistant", "content": "A"}]}
+    data = setup["data"].parent / "with_long.jsonl"  # next to the images its relative paths name
+    data.write_text("\n".join([lines[0], json.dumps(too_long), *lines[1:]]) + "\n")
+    trainer = Trainer(
+        _config(
+            setup, tmp_path, train_file=str(data), stage="instruct", shuffle=False, per_device_batch_size=1, max_steps=3
+        )
+    )
+    history = trainer.train()
+    assert [m["samples"] for m in history] == [1, 0, 1]
+    assert history[1]["loss"] == 0.0 and history[1]["grad_norm"] == 0.0  # the stand-in batch runs at weight 0
+    assert [m["skipped_records"] for m in history] == [0, 1, 1]
+    assert history[0]["loss"] > 0 and history[2]["loss"] > 0

@@ -432,7 +432,8 @@ class Trainer:
             batch = self.micro_batch(self.position, global_index)
             weight = 1.0
             if batch is None:
-                # Every rank must run the same forward/backward: run a batch seen before at weight 0.
+                # Every rank must run the same forward/backward: run a batch seen before at weight 0. It counts
+                # as a zero in the step's mean (and AdamW still steps, on its momentum, if the step had nothing else).
                 if self._fallback is None:
                     raise RuntimeError("a micro-batch has only bad records and there is no earlier batch to stand in")
                 batch, weight = self._fallback, 0.0
