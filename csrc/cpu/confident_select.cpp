@@ -4,7 +4,8 @@
 // logits: (N, V) rows of the masked canvas positions (row-major (batch, position) order), any row stride,
 // contiguous vocabulary (the launcher copies otherwise). Per row, in fp32 (dimple_rt/reference.py
 // confident_select is the executable spec; the comments there define every rounding that matters):
-//   pass 1  max, lowest argmax and second largest of z (per-lane max1/max2/index, reduced at the end), and
+//   pass 1  max, lowest argmax and second largest of z (per-lane max1/max2/index in two interleaved lane sets,
+//           reduced at the end), and
 //           with top-k the k-th largest tempered logit (a candidate buffer above a rising threshold,
 //           compacted with nth_element: O(V + k log V), no sort of the vocabulary);
 //   pass 2  w0 = exp(z − m) and/or wt = exp(z/T − m/T), summed per block of 4 vectors into doubles (the
@@ -12,6 +13,8 @@
 //           entries ≥ the k-th largest (the kept set is a rank-order prefix of them), with top-p alone the
 //           entries wt ≥ exp(−24) (their mass is checked: P ⊆ candidates whenever it exceeds top_p·ΣW);
 //   pass 3  only for neg_entropy over a whole distribution: Σ p·log(p + 1e-10).
+// The greedy step with the original distribution's plain/margin confidence (Dimple's default) fuses passes
+// 1 and 2 per L1-sized chunk with an online rescale (fused_max_sum), so the row is read from memory once.
 // Passes 2/3 re-read the row (from L2/L3: 600 KB per fp32 row of Dimple's 152064-token vocabulary). Top-p
 // picks the nucleus among the candidates by repeated halving with nth_element (linear), sorting only the
 // last ≤ 32 entries. Sampling is an inverse CDF in vocabulary order driven by the caller's uniform, so a run
@@ -86,6 +89,10 @@ inline float hsum(const Vec& x) {
   return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, x);
 }
 
+inline float hmax(const Vec& x) {
+  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, x);
+}
+
 // exp of one value through the same vector code as the passes, so it has the same bits.
 inline float vexp(float x) {
   alignas(64) float buf[kVec];
@@ -145,6 +152,20 @@ struct KthLargest {
   }
 };
 
+// Per lane: the largest value (first occurrence), the base index of the vector that held it, and the second
+// largest value counting multiplicity. Plain compares (no NaN propagation: pass 1 checks NaN separately).
+struct LaneTop2 {
+  Vec max1{kNegInf}, max2{kNegInf}, at{0.0f};
+
+  void update(const Vec& x, float base) {
+    const Vec raised = x > max1;                      // strict: each lane keeps its first maximum
+    const Vec second = Vec::blendv(x, max1, raised);  // whichever of x and the old max1 is not the new max
+    max2 = Vec::blendv(max2, second, second > max2);
+    max1 = Vec::blendv(max1, x, raised);
+    at = Vec::blendv(at, Vec(base), raised);
+  }
+};
+
 struct RowResult {
   int64_t x0 = 0;
   float confidence = 0.0f;
@@ -165,8 +186,12 @@ class RowSelector {
 
   RowResult run(const T* row, int64_t r, float u) {
     row_ = row;
-    pass_max(r);
-    pass_sums();
+    if (!need_filtered_ && p_.kind != ConfidenceKind::kNegEntropy) {
+      fused_max_sum(r);
+    } else {
+      pass_max(r);
+      pass_sums();
+    }
     RowResult out;
     if (!need_filtered_) {  // greedy, confidence from the original distribution
       out.x0 = argmax_;
@@ -191,43 +216,103 @@ class RowSelector {
 
   // Pass 1: m, the lowest index of m, the second largest z; the k-th largest tempered logit.
   void pass_max(int64_t r) {
-    Vec max1(kNegInf), max2(kNegInf), at(0.0f);  // at: base index of the vector that last raised max1
+    // Two independent lane sets (even / odd vectors) so that the compare-blend chains overlap.
+    LaneTop2 lanes[2];
+    Vec nan_seen(0.0f);
     KthLargest kth;
     if (top_k_) kth.reset(p_.top_k, &s_.topk);
-    for (int64_t i = 0; i < V_; i += kVec) {
+    for (int64_t i = 0; i < V_; i += 2 * kVec) {
       const Vec x = load_logits(row_, i, V_);
-      const Vec raised = x > max1;  // strict: each lane keeps its first maximum
-      max2 = at::vec::maximum(max2, at::vec::minimum(max1, x));
-      max1 = Vec::blendv(max1, x, raised);
-      at = Vec::blendv(at, Vec(static_cast<float>(i)), raised);  // exact: V < 2^24
+      lanes[0].update(x, static_cast<float>(i));  // exact: V < 2^24
+      nan_seen = nan_seen | (x != x);
       if (top_k_) kth.push(tempered(x), i, V_);
+      if (i + kVec < V_) {
+        const Vec y = load_logits(row_, i + kVec, V_);
+        lanes[1].update(y, static_cast<float>(i + kVec));
+        nan_seen = nan_seen | (y != y);
+        if (top_k_) kth.push(tempered(y), i + kVec, V_);
+      }
     }
-    alignas(64) float m1[kVec], m2[kVec], ix[kVec];
-    max1.store(m1);
-    max2.store(m2);
-    at.store(ix);
+    finish_max(lanes, nan_seen, r);
+    if (top_k_) kth_ = kth.result();
+  }
+
+  // Passes 1 and 2 fused for the greedy step with the original distribution's confidence (the common case):
+  // each kChunk-entry chunk is scanned for the maxima from memory, then summed from L1 against the running
+  // maximum M; the sum is rescaled by exp(M_old − M_new) when M rises (once per chunk). Only S0 comes out
+  // of this differently rounded (a confidence's denominator, ~1e-7 relative); the decisions do not use it.
+  void fused_max_sum(int64_t r) {
+    constexpr int64_t kChunk = 2048;
+    LaneTop2 lanes[2];
+    Vec nan_seen(0.0f);
+    float run_max = kNegInf;
+    double total = 0.0;
+    for (int64_t c0 = 0; c0 < V_; c0 += kChunk) {
+      const int64_t c1 = std::min(V_, c0 + kChunk);
+      for (int64_t i = c0; i < c1; i += 2 * kVec) {
+        const Vec x = load_logits(row_, i, V_);
+        lanes[0].update(x, static_cast<float>(i));
+        nan_seen = nan_seen | (x != x);
+        if (i + kVec < c1) {
+          const Vec y = load_logits(row_, i + kVec, V_);
+          lanes[1].update(y, static_cast<float>(i + kVec));
+          nan_seen = nan_seen | (y != y);
+        }
+      }
+      const float m = hmax(at::vec::maximum(lanes[0].max1, lanes[1].max1));
+      if (m == kNegInf) continue;  // nothing but -inf so far: those weigh 0
+      if (m > run_max) {
+        total *= std::exp(static_cast<double>(run_max) - m);  // 0 on the first finite chunk
+        run_max = m;
+      }
+      const Vec vm(run_max);
+      Vec a(0.0f), b(0.0f);
+      int64_t i = c0;
+      for (; i + 2 * kVec <= c1; i += 2 * kVec) {
+        a = a + (load_logits(row_, i, V_) - vm).exp_u20();
+        b = b + (load_logits(row_, i + kVec, V_) - vm).exp_u20();
+      }
+      for (; i < c1; i += kVec) a = a + (load_logits(row_, i, V_) - vm).exp_u20();
+      total += hsum(a + b);
+    }
+    finish_max(lanes, nan_seen, r);  // m_ == run_max
+    s0_ = total;
+  }
+
+  // Reduces the lane sets: m (lowest index on ties), the second largest, and the NaN/inf check.
+  void finish_max(const LaneTop2 (&lanes)[2], const Vec& nan_seen, int64_t r) {
+    constexpr int kLanes = 2 * kVec;
+    alignas(64) float m1[kLanes], m2[kLanes], ix[kLanes];
+    for (int s = 0; s < 2; ++s) {
+      lanes[s].max1.store(m1 + s * kVec);
+      lanes[s].max2.store(m2 + s * kVec);
+      lanes[s].at.store(ix + s * kVec);
+    }
+    auto index = [&](int j) { return static_cast<int64_t>(ix[j]) + j % kVec; };
     int best = 0;
-    for (int j = 1; j < kVec; ++j) {
-      const int64_t idx = static_cast<int64_t>(ix[j]) + j, best_idx = static_cast<int64_t>(ix[best]) + best;
-      if (m1[j] > m1[best] || (m1[j] == m1[best] && idx < best_idx)) best = j;
+    for (int j = 1; j < kLanes; ++j) {
+      if (m1[j] > m1[best] || (m1[j] == m1[best] && index(j) < index(best))) best = j;
     }
     m_ = m1[best];
-    argmax_ = static_cast<int64_t>(ix[best]) + best;
-    TORCH_CHECK_VALUE(std::isfinite(m_), "confident_select: logits row ", r,
+    argmax_ = index(best);
+    TORCH_CHECK_VALUE(std::isfinite(m_) && true_lanes(nan_seen) == 0, "confident_select: logits row ", r,
                       " has no finite maximum (every entry -inf, or +inf/NaN present)");
     z2_ = m2[best];
-    for (int j = 0; j < kVec; ++j) {
+    for (int j = 0; j < kLanes; ++j) {
       if (j != best) z2_ = std::max(z2_, m1[j]);
       z2_ = std::max(z2_, m2[j]);
     }
     mt_ = tempered_ ? m_ / p_.temperature : m_;
-    if (top_k_) kth_ = kth.result();
   }
 
   // Pass 2: S0 = Σ exp(z − m), St = Σ exp(zt − mt) (with block sums when sampling without filters), and
   // the candidate list: with top-k the entries zt >= k-th largest (the kept set is a prefix of it in rank
   // order), with top-p alone the entries wt >= e^-24.
   void pass_sums() {
+    if (!need_filtered_) {
+      s0_ = sum_exp_original();
+      return;
+    }
     const bool full_t = need_filtered_ && (top_p_ || !top_k_);  // Σ wt over the whole vocabulary
     const bool blocks = sampling_ && !top_p_ && !top_k_;
     const bool gather_p = top_p_ && !top_k_;
@@ -269,6 +354,25 @@ class RowSelector {
     }
     s0_ = s0;
     st_ = st;
+  }
+
+  // S0 alone (greedy, original confidence: the common step): a tight loop over whole vectors, two
+  // accumulators, flushed into a double every kBlock entries; the tail vector is padded with -inf.
+  double sum_exp_original() const {
+    const Vec vm(m_);
+    double total = 0.0;
+    int64_t i0 = 0;
+    for (; i0 + kBlock <= V_; i0 += kBlock) {
+      Vec a(0.0f), b(0.0f);
+      for (int64_t i = i0; i < i0 + kBlock; i += 2 * kVec) {
+        a = a + (load_logits(row_, i, V_) - vm).exp_u20();
+        b = b + (load_logits(row_, i + kVec, V_) - vm).exp_u20();
+      }
+      total += hsum(a + b);
+    }
+    Vec a(0.0f);
+    for (int64_t i = i0; i < V_; i += kVec) a = a + (load_logits(row_, i, V_) - vm).exp_u20();
+    return total + hsum(a);
   }
 
   void gather(const Vec& xt, const Vec& wt, uint32_t hits, int64_t i) {

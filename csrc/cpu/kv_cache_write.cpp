@@ -73,8 +73,9 @@ void kv_cache_write_kernel(const KvCacheWriteParams& p) {
   const T* v = static_cast<const T*>(p.v);
   T* ck = static_cast<T*>(p.cache_k);
   T* cv = static_cast<T*>(p.cache_v);
-  // About 16K elements of k per task, so a decode-sized write (65 positions) still splits over the threads.
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, p.num_kv_heads * D));
+  // At least 64K elements of k per task: below that (a 65-token decode write is 33K) waking the other threads
+  // costs more than the copy, and a busy core turns the wait into milliseconds.
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, p.num_kv_heads * D));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> x(D), y(D);
     for (int64_t r = begin; r < end; ++r) {
