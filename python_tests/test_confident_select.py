@@ -258,6 +258,21 @@ def test_negative_infinity_logits(tol) -> None:
             _assert_same(got, want, tol(torch.float32))
             assert bool(torch.isfinite(logits[torch.arange(3), got[0]]).all())
     assert confident_select(logits, torch.arange(3), torch.tensor([1]))[0][2].item() == 39
+    # Over several 2048-entry chunks of the fused greedy pass: whole chunks of -inf first, the maximum rising late.
+    long = _logits(2, 7000, torch.float32, seed=9)
+    long[0, :4500] = float("-inf")
+    long[1, 6999] = 50.0
+    for kind in KINDS:
+        got, want = _both(long, torch.arange(2), torch.tensor([1]), confidence=kind)
+        _assert_same(got, want, tol(torch.float32))
+
+
+def test_nan_logits_rejected() -> None:
+    logits = _logits(2, 3000, torch.float32)
+    logits[1, 2500] = float("nan")
+    for options in ({}, {"temperature": 1.0, "uniforms": _uniforms(2)}):
+        with pytest.raises(ValueError, match="row 1 has no finite maximum"):
+            confident_select(logits, torch.arange(2), torch.tensor([1]), **options)
 
 
 def test_empty() -> None:
