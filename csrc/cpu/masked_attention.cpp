@@ -167,6 +167,11 @@ void masked_attention_kernel(const MaskedAttentionParams& p) {
 
   // Queries per item: about kTargetRows rows, fewer when that would leave threads idle.
   int64_t tq = std::min<int64_t>(std::max<int64_t>(1, kTargetRows / G), p.q_len);
+  if (p.cu_seqlens != nullptr) {  // no longer than a segment: a tile spanning two would score both (half masked)
+    int64_t longest = 1;
+    for (int64_t s = 0; s < p.num_segments; ++s) longest = std::max(longest, p.cu_seqlens[s + 1] - p.cu_seqlens[s]);
+    tq = std::min(tq, longest);
+  }
   auto items_for = [&](int64_t t) { return p.batch * p.num_kv_heads * ((p.q_len + t - 1) / t); };
   while (tq > 1 && items_for(tq) < 4 * static_cast<int64_t>(at::get_num_threads())) tq = (tq + 1) / 2;
   const int64_t q_tiles = (p.q_len + tq - 1) / tq;

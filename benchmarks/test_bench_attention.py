@@ -1,0 +1,103 @@
+# SPDX-License-Identifier: Apache-2.0
+"""masked_attention: the C++ kernel vs the authors' torch path (cat + repeat_kv + SDPA with a bool mask) vs
+dimple_rt.reference, on Dimple-7B's decoder shapes (28 query / 4 KV heads, head_dim 128) and the vision tower's
+window attention (16 heads, head_dim 80, cu_seqlens)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dimple_rt import reference
+from dimple_rt.ops import masked_attention
+
+# name: (batch, q_len, prefix_len, heads, kv_heads, head_dim, window, dtype). window > 0: block-diagonal segments
+# of that many tokens (vision), else a full bidirectional key mask (decoder; the authors always pass one).
+SHAPES = {
+    "7b_decode_fp32": (1, 65, 600, 28, 4, 128, 0, torch.float32),  # 65-token canvas over a 600-token cached prompt
+    "7b_decode_bf16": (1, 65, 600, 28, 4, 128, 0, torch.bfloat16),
+    "7b_prefill_fp32": (1, 700, 0, 28, 4, 128, 0, torch.float32),  # the first (full) forward of a 700-token input
+    "7b_prefill_bf16": (1, 700, 0, 28, 4, 128, 0, torch.bfloat16),
+    "vision_windows_fp32": (1, 1024, 0, 16, 16, 80, 64, torch.float32),  # 448x448 image, 8x8-patch windows
+}
+IMPLS = ["kernel", "authors_sdpa", "reference"]
+
+
+def _inputs(name: str) -> dict:
+    batch, q_len, prefix_len, heads, kv_heads, head_dim, window, dtype = SHAPES[name]
+    g = torch.Generator().manual_seed(0)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    args = {"q": randn(batch, q_len, heads, head_dim), "k": randn(batch, q_len, kv_heads, head_dim)}
+    args["v"] = randn(batch, q_len, kv_heads, head_dim)
+    if prefix_len:
+        args["prefix_k"] = randn(batch, prefix_len, kv_heads, head_dim)
+        args["prefix_v"] = randn(batch, prefix_len, kv_heads, head_dim)
+    if window:
+        args["cu_seqlens"] = torch.arange(0, q_len + 1, window, dtype=torch.int32)
+    else:
+        args["key_mask"] = torch.ones(batch, prefix_len + q_len, dtype=torch.bool)
+    return args
+
+
+def _authors_path(args: dict) -> tuple:
+    """The authors' attention as a closure over its precomputed mask (built once per forward, shared by layers)."""
+    q, k, v = args["q"], args["k"], args["v"]
+    batch, q_len, heads, _ = q.shape
+    groups = heads // k.shape[2]
+    total = q_len + (args["prefix_k"].shape[1] if "prefix_k" in args else 0)
+    allowed = reference.attention_allowed(
+        batch, q_len, total - q_len, args.get("key_mask"), args.get("cu_seqlens"), False, q.device
+    )[:, None]  # (batch, 1, q_len, total) bool, as the reference model passes to SDPA
+
+    def run() -> torch.Tensor:
+        kk, vv = k, v
+        if "prefix_k" in args:  # DynamicCache.update: cat the cached prefix
+            kk = torch.cat([args["prefix_k"], k], dim=1)
+            vv = torch.cat([args["prefix_v"], v], dim=1)
+        qh = q.transpose(1, 2)  # (batch, heads, q_len, head_dim)
+        kh = kk.transpose(1, 2).repeat_interleave(groups, dim=1)  # repeat_kv: (batch, heads, total, head_dim)
+        vh = vv.transpose(1, 2).repeat_interleave(groups, dim=1)
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=allowed)
+        return out.transpose(1, 2).contiguous()  # (batch, q_len, heads, head_dim)
+
+    return run
+
+
+def _cost(args: dict) -> tuple[int, int]:
+    """(bytes read + written, FLOPs) of one call: QK and PV over the visible keys."""
+    q = args["q"]
+    batch, q_len, heads, head_dim = q.shape
+    if "cu_seqlens" in args:
+        seg = args["cu_seqlens"].diff().to(torch.int64)
+        pairs = int((seg * seg).sum())
+    else:
+        pairs = q_len * (q_len + (args["prefix_k"].shape[1] if "prefix_k" in args else 0))
+    tensors = [t for t in args.values() if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    bytes_moved = sum(t.numel() * t.element_size() for t in tensors) + q.numel() * q.element_size()
+    return bytes_moved, 4 * batch * heads * pairs * head_dim
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_masked_attention(shape: str, impl: str, timed) -> None:
+    args = _inputs(shape)
+    fn = {
+        "kernel": lambda: masked_attention(**args),
+        "authors_sdpa": _authors_path(args),
+        "reference": lambda: reference.masked_attention(**args),
+    }[impl]
+    exact = reference.masked_attention(**{n: t.float() if t.is_floating_point() else t for n, t in args.items()})
+    tol = 1e-4 if args["q"].dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(fn().float(), exact, atol=tol, rtol=tol)  # correctness before timing
+    bytes_moved, flops = _cost(args)
+    timed(
+        fn,
+        group=f"masked_attention {shape}",
+        bytes_moved=bytes_moved,
+        flops=flops,
+        rounds=3 if impl == "reference" else 5,
+    )
