@@ -15,7 +15,7 @@ import torch
 from .config import DimpleConfig, GenerationConfig
 from .generation.loop import DecodeRequest, LogitsHook, TokensHook, denoise
 from .generation.priors import build_canvas, parse_template
-from .model.backend import BACKENDS, attention_for
+from .model.backend import BACKENDS, backend_for
 from .model.dimple import DimpleModel
 from .processor import ImageProcessor, expand_image_placeholders
 from .tokenizer import DimpleTokenizer
@@ -101,7 +101,8 @@ class Runtime:
         if self.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"dtype must be one of {SUPPORTED_DTYPES}, got {self.dtype}")
         self.backend = backend
-        self.attention = attention_for(backend)
+        self.ops = backend_for(backend)
+        self.attention = self.ops.attention
         self.path: Path = resolve_model(model)
         self.config = DimpleConfig.from_json_file(self.path / "config.json")
         with torch.device("meta"):
@@ -282,7 +283,7 @@ class Runtime:
         history: list[torch.Tensor] = []
         sequences = torch.cat([request.input_ids, request.canvas], dim=1)
         passes = 0
-        for step in denoise(self.model, self.attention, request, config, tokens_hook, logits_hook):
+        for step in denoise(self.model, self.ops, request, config, tokens_hook, logits_hook):
             sequences, passes = step.sequences, passes + 1
             if config.return_history:
                 history.append(step.sequences.cpu())
@@ -328,7 +329,7 @@ class Runtime:
         request, config = self._decode_request(inputs, _given(**tensors), template, response_length, options)
         prompt_len = request.input_ids.shape[1]
         with torch.inference_mode():
-            for step in denoise(self.model, self.attention, request, config, tokens_hook, logits_hook):
+            for step in denoise(self.model, self.ops, request, config, tokens_hook, logits_hook):
                 yield StreamStep(step.step, step.sequences[:, prompt_len:].cpu(), step.committed)
 
     def render_canvas(self, canvas: torch.Tensor) -> str:

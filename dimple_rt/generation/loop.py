@@ -18,23 +18,13 @@ from dataclasses import dataclass
 import torch
 
 from dimple_rt.config import DimpleConfig, GenerationConfig
-from dimple_rt.model.backend import AttentionFn
+from dimple_rt.model.backend import Backend
 from dimple_rt.model.dimple import DimpleModel
 from dimple_rt.model.rope import get_rope_index
 
-from .sampling import ALG_CONFIDENCE, sample_tokens
-from .schedule import (
-    DREAM_PRESELECT_ALGS,
-    Generators,
-    StepInputs,
-    dim_step,
-    dream_preselect,
-    dream_step,
-    masked_row_ids,
-    pick_generator,
-    row_segments,
-    timesteps,
-)
+from .cache import KVCache
+from .decide import fused_step, make_streams, reference_step
+from .schedule import StepInputs, masked_row_ids, timesteps
 
 TokensHook = Callable[[int | None, torch.Tensor, torch.Tensor | None], torch.Tensor]
 LogitsHook = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -63,94 +53,6 @@ class Step:
     committed: int
 
 
-@dataclass
-class _Streams:
-    """RNG streams: ``device`` for sampling, origin-ratio and multinomial draws; ``cpu`` for origin's randperm.
-    Each is one generator (batch-coupled), one per row (per-sequence), or None (torch's global RNG)."""
-
-    device: Generators
-    cpu: Generators
-
-
-def _streams(seed: int | None, batch: int, device: torch.device, coupled: bool) -> _Streams:
-    """Seeded streams, reproducing the authors' code run after ``torch.manual_seed(seed)``: on a CPU run all
-    their draws come from one stream, so device and cpu share a generator. Per-sequence mode gives every row
-    its own copy of that stream, so a row draws what it would draw alone."""
-    if seed is None:
-        return _Streams(None, None)
-
-    def one() -> tuple[torch.Generator, torch.Generator]:
-        cpu = torch.Generator().manual_seed(seed)
-        return (cpu, cpu) if device.type == "cpu" else (torch.Generator(device=device).manual_seed(seed), cpu)
-
-    if coupled:
-        return _Streams(*one())
-    pairs = [one() for _ in range(batch)]
-    return _Streams([p[0] for p in pairs], [p[1] for p in pairs])
-
-
-def _sample(
-    logits: torch.Tensor, row_ids: torch.Tensor, options: GenerationConfig, use_original: bool, streams: _Streams
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``sample_tokens`` over masked rows ``logits (N, V)``: one call for the batch, or one per sequence when
-    the sequences draw from their own streams (so a sequence's draws do not depend on its companions)."""
-    kind = ALG_CONFIDENCE[options.alg]
-
-    def call(part: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-        return sample_tokens(
-            part,
-            options.temperature,
-            options.top_p,
-            options.top_k,
-            margin_confidence=kind == "margin",
-            neg_entropy=kind == "neg_entropy",
-            use_original_confidence=use_original,
-            generator=generator,
-            validate_categorical=options.validate_categorical,
-        )
-
-    if options.batch_coupled:
-        return call(logits, pick_generator(streams.device, None))
-    if options.temperature == 0:
-        return call(logits, None)  # greedy draws nothing: one call serves every sequence
-    confidence = torch.empty(logits.shape[0], dtype=logits.dtype, device=logits.device)
-    x0 = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
-    for row, start, end in row_segments(row_ids):
-        confidence[start:end], x0[start:end] = call(logits[start:end], pick_generator(streams.device, row))
-    return confidence, x0
-
-
-def _decide(
-    mask_logits: torch.Tensor,
-    row_ids: torch.Tensor,
-    num_total_mask: list[int],
-    inputs: StepInputs,
-    options: GenerationConfig,
-    streams: _Streams,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The step's ``(commit (N,) bool, x0 (N,))`` for the masked rows, by pipeline (spec §4.5, §4.6)."""
-    coupled = options.batch_coupled
-    if options.pipeline == "dim":
-        confidence, x0 = _sample(mask_logits, row_ids, options, options.use_original_confidence, streams)
-        commit = dim_step(
-            confidence,
-            row_ids,
-            num_total_mask,
-            inputs,
-            batch_coupled=coupled,
-            cpu_generator=streams.cpu,
-            generator=streams.device,
-        )
-        return commit, x0
-    if options.alg in DREAM_PRESELECT_ALGS:
-        commit = dream_preselect(row_ids, inputs, batch_coupled=coupled, generator=streams.device)
-        x0 = torch.zeros_like(row_ids)
-        _, x0[commit] = _sample(mask_logits[commit], row_ids[commit], options, False, streams)
-        return commit, x0
-    confidence, x0 = _sample(mask_logits, row_ids, options, False, streams)
-    return dream_step(confidence, row_ids, inputs, batch_coupled=coupled, generator=streams.device), x0
-
-
 def _check_tokens(after: torch.Tensor, before: torch.Tensor, fixed: int, what: str) -> None:
     """A hook may only change the response: ValueError if its shape or the first ``fixed`` columns changed."""
     if after.shape != before.shape:
@@ -161,7 +63,7 @@ def _check_tokens(after: torch.Tensor, before: torch.Tensor, fixed: int, what: s
 
 def denoise(
     model: DimpleModel,
-    attention: AttentionFn,
+    backend: Backend,
     request: DecodeRequest,
     options: GenerationConfig,
     tokens_hook: TokensHook | None = None,
@@ -169,6 +71,7 @@ def denoise(
 ) -> Iterator[Step]:
     """Run the step loop of ``options`` on ``request``, yielding after every executed step.
 
+    ``backend`` supplies attention, the prefill cache write and the step decision (fused op or reference).
     Hooks have the authors' signatures: ``tokens_hook(step, x, logits) -> x`` (also once with step None on the
     full initial sequences, the structure-prior entry point) and ``logits_hook(step, x, logits) -> logits``,
     where x is (batch, total) for a full forward and (batch, max_new_tokens + 1) for a prefilled one.
@@ -192,13 +95,18 @@ def denoise(
     num_total_mask = (ids == mask_id).sum(dim=1).tolist()  # per row; the authors' count is the sum
     position_ids, _ = get_rope_index(ids, config, request.image_grid_thw, attention_mask)  # (3, B, total)
     schedule = timesteps(options.steps, options.eps, device)
-    streams = _streams(options.seed, batch, device, options.batch_coupled)
+    streams = make_streams(options.seed, batch, device, options.batch_coupled)
     full_logits = tokens_hook is not None or logits_hook is not None
-    prefix_kv = None
+    cache = None
+    if options.prefill:
+        cache = KVCache.allocate(
+            config.num_hidden_layers, batch, ids.shape[1], config.num_key_value_heads, config.head_dim,
+            model.lm_head.weight.dtype, device, backend.kv_cache_write,
+        )  # fmt: skip
 
     for i in range(options.steps):
-        prefilled = prefix_kv is not None
-        start = keep if prefilled else 0
+        start = cache.start if cache is not None else 0
+        prefilled = start > 0
         x = ids[:, start:].clone()  # (B, len): the full sequence, or the last prompt token + canvas
         mask_index = x == mask_id  # (B, len)
         if bool(mask_index[:, 0].any()):
@@ -209,16 +117,15 @@ def denoise(
             rows[:, :-1] = mask_index[:, 1:]  # output p - 1 predicts position p
         out = model(
             x,
-            attention,
+            backend.attention,
             attention_mask=attention_mask,
             position_ids=position_ids[:, :, start:],
             image_features=None if prefilled else request.image_features,
-            prefix_kv=prefix_kv,
-            keep_kv=options.prefill and not prefilled,
+            cache=cache,
             logits_rows=rows,
         )
-        if options.prefill and not prefilled:
-            prefix_kv = [(k[:, :keep], v[:, :keep]) for k, v in out.kv]  # crop to the prompt (spec §4.7)
+        if cache is not None:
+            cache.start = keep  # keep the prompt's K/V but its last token's; later steps overwrite the rest
         logits = None
         if full_logits:
             logits = torch.cat([out.logits[:, :1], out.logits[:, :-1]], dim=1)  # (B, len, V), shifted
@@ -230,7 +137,12 @@ def denoise(
 
         row_ids = masked_row_ids(mask_index)
         inputs = StepInputs(i, schedule, options.alg, options.threshold, options.alg_temp)
-        commit, x0 = _decide(mask_logits, row_ids, num_total_mask, inputs, options, streams)
+        if backend.confident_select is None:
+            commit, x0 = reference_step(mask_logits, row_ids, num_total_mask, inputs, options, streams)
+        else:
+            commit, x0 = fused_step(
+                backend.confident_select, mask_logits, row_ids, num_total_mask, inputs, options, streams
+            )
         x[mask_index] = torch.where(commit, x0, torch.full_like(x0, mask_id))
         if tokens_hook is not None:
             hooked = tokens_hook(i, x.clone(), logits)

@@ -231,7 +231,9 @@ def dim_step(
         return torch.zeros_like(confidence, dtype=torch.bool)
     if batch_coupled:
         total = sum(int(v) for v in num_total_mask)
-        return _dim_group(confidence, row_ids, total, inputs, pick_generator(cpu_generator, None), pick_generator(generator, None))
+        return _dim_group(
+            confidence, row_ids, total, inputs, pick_generator(cpu_generator, None), pick_generator(generator, None)
+        )
     selected = torch.zeros_like(confidence, dtype=torch.bool)
     for row, start, end in row_segments(row_ids):
         selected[start:end] = _dim_group(
@@ -269,7 +271,9 @@ def dream_preselect(
         return torch.rand(row_ids.numel(), device=row_ids.device, generator=pick_generator(generator, None)) < p
     selected = torch.zeros_like(row_ids, dtype=torch.bool)
     for row, start, end in row_segments(row_ids):
-        selected[start:end] = torch.rand(end - start, device=row_ids.device, generator=pick_generator(generator, row)) < p
+        selected[start:end] = (
+            torch.rand(end - start, device=row_ids.device, generator=pick_generator(generator, row)) < p
+        )
     return selected
 
 

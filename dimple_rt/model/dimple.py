@@ -9,6 +9,7 @@ the vision tower never reruns per denoising step (the reference reruns it; the r
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -19,6 +20,9 @@ from .backend import AttentionFn
 from .llm import AttentionInputs, Decoder
 from .rope import get_rope_index, rotary_cos_sin
 from .vision import VisionTower
+
+if TYPE_CHECKING:
+    from dimple_rt.generation.cache import KVCache
 
 
 class ImageProjector(nn.Module):
@@ -36,11 +40,10 @@ class ImageProjector(nn.Module):
 
 @dataclass
 class ForwardOutput:
-    """logits: (batch, rows, vocab) for the requested rows; kv: per-layer (k, v) of this call if asked;
-    rope_deltas: (batch, 1) when positions were computed here, else None."""
+    """logits: (batch, rows, vocab) for the requested rows; rope_deltas: (batch, 1) when positions were
+    computed here, else None."""
 
     logits: torch.Tensor
-    kv: list[tuple[torch.Tensor, torch.Tensor]]
     rope_deltas: torch.Tensor | None
 
 
@@ -99,8 +102,7 @@ class DimpleModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
         image_grid_thw: torch.Tensor | None = None,
-        prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
-        keep_kv: bool = False,
+        cache: KVCache | None = None,
         logits_rows: torch.Tensor | None = None,
         causal: bool | None = None,
     ) -> ForwardOutput:
@@ -108,13 +110,14 @@ class DimpleModel(nn.Module):
 
         attention_mask: (batch, prefix_len + len) 0/1 over the prefix and the current tokens.
         position_ids: (3, batch, len); computed with :func:`get_rope_index` when None (only valid without
-        a prefix). image_features: from :meth:`encode_images`. logits_rows: optional bool (batch, len):
+        a prefix). cache: the prefill cache; this call's tokens are written at ``cache.start`` and the keys
+        before it are the prefix. image_features: from :meth:`encode_images`. logits_rows: optional bool (batch, len):
         only those rows go through the LM head, returned as (1, rows, vocab) in row-major order.
         causal: defaults to ``not config.full_attn_mask``.
         """
         rope_deltas = None
         if position_ids is None:
-            if prefix_kv is not None:
+            if cache is not None and cache.start:
                 raise ValueError("position_ids are required when a prefix cache is given")
             position_ids, rope_deltas = get_rope_index(input_ids, self.config, image_grid_thw, attention_mask)
         embeds = self.embed(input_ids, image_features)
@@ -127,8 +130,9 @@ class DimpleModel(nn.Module):
             key_mask=key_mask_from(attention_mask),
             causal=(not self.config.full_attn_mask) if causal is None else causal,
             attention=attention,
+            cache=cache,
         )
-        hidden, kv = self.model(embeds, ctx, prefix_kv, keep_kv)  # (B, L, hidden)
+        hidden = self.model(embeds, ctx)  # (B, L, hidden)
         if logits_rows is not None:
             hidden = hidden[logits_rows][None]  # (1, rows, hidden)
-        return ForwardOutput(logits=self.lm_head(hidden), kv=kv, rope_deltas=rope_deltas)
+        return ForwardOutput(logits=self.lm_head(hidden), rope_deltas=rope_deltas)

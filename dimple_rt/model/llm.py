@@ -3,13 +3,15 @@
 
 Parameter names below ``model.`` follow the checkpoint exactly (spec §1.9). Attention goes through an
 injected :class:`~dimple_rt.model.backend.AttentionFn`, so the same module runs on the plain-torch reference
-or on the C++ kernels. K/V of a reused prompt prefix come in per layer (``prefix_kv``); the layer returns its
-fresh K/V (after rotary) so that a caller can keep them as a cache.
+or on the C++ kernels. With a :class:`~dimple_rt.generation.cache.KVCache` (prefilling) each layer writes its
+rotated K/V into its cache buffers at ``cache.start`` and attends over the buffer: the keys before ``start``
+are the prompt prefix reused from step 0.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -20,13 +22,17 @@ from .backend import AttentionFn
 from .layers import GatedMLP, RMSNorm
 from .rope import apply_rotary
 
+if TYPE_CHECKING:
+    from dimple_rt.generation.cache import KVCache
+
 
 @dataclass
 class AttentionInputs:
     """Per-forward attention context shared by all layers.
 
     cos/sin: (batch, len, head_dim) rotary tables of the current tokens; key_mask: bool
-    (batch, prefix_len + len) or None (every token real); causal: AR training stages.
+    (batch, prefix_len + len) or None (every token real); causal: AR training stages; cache: the prefill
+    cache (keys before ``cache.start`` are the prefix), or None.
     """
 
     cos: torch.Tensor
@@ -34,6 +40,7 @@ class AttentionInputs:
     key_mask: torch.Tensor | None
     causal: bool
     attention: AttentionFn
+    cache: KVCache | None = None
 
 
 class DecoderAttention(nn.Module):
@@ -51,23 +58,24 @@ class DecoderAttention(nn.Module):
         self.v_proj = nn.Linear(hidden, kv_width, bias=config.attention_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        ctx: AttentionInputs,
-        prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """x: (batch, len, hidden) → output (batch, len, hidden) and this call's (k, v), each
-        (batch, len, kv_heads, head_dim) with rotary already applied to k."""
+    def forward(self, x: torch.Tensor, ctx: AttentionInputs, layer_index: int) -> torch.Tensor:
+        """x: (batch, len, hidden) → (batch, len, hidden). ``layer_index`` picks this layer's cache buffers."""
         batch, length, _ = x.shape
         q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim)  # (B, L, H, D)
         k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)  # (B, L, Hkv, D)
         v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)  # (B, L, Hkv, D)
         q = apply_rotary(q, ctx.cos, ctx.sin)
-        k = apply_rotary(k, ctx.cos, ctx.sin)
-        prefix_k, prefix_v = prefix_kv if prefix_kv is not None else (None, None)
+        prefix_k = prefix_v = None
+        if ctx.cache is None:
+            k = apply_rotary(k, ctx.cos, ctx.sin)
+        else:
+            start, (cache_k, cache_v) = ctx.cache.start, ctx.cache.layers[layer_index]
+            ctx.cache.write(cache_k, cache_v, k, v, ctx.cos, ctx.sin, start)
+            k, v = cache_k[:, start : start + length], cache_v[:, start : start + length]  # (B, L, Hkv, D) views
+            if start:
+                prefix_k, prefix_v = cache_k[:, :start], cache_v[:, :start]  # (B, start, Hkv, D) views
         out = ctx.attention(q, k, v, prefix_k, prefix_v, ctx.key_mask, None, ctx.causal)  # (B, L, H, D)
-        return self.o_proj(out.reshape(batch, length, self.num_heads * self.head_dim)), (k, v)
+        return self.o_proj(out.reshape(batch, length, self.num_heads * self.head_dim))
 
 
 class DecoderLayer(nn.Module):
@@ -80,15 +88,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        ctx: AttentionInputs,
-        prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        attn_out, kv = self.self_attn(self.input_layernorm(x), ctx, prefix_kv)
-        h = x + attn_out
-        return h + self.mlp(self.post_attention_layernorm(h)), kv
+    def forward(self, x: torch.Tensor, ctx: AttentionInputs, layer_index: int) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), ctx, layer_index)
+        return h + self.mlp(self.post_attention_layernorm(h))
 
 
 class Decoder(nn.Module):
@@ -100,19 +102,9 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(
-        self,
-        inputs_embeds: torch.Tensor,
-        ctx: AttentionInputs,
-        prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
-        keep_kv: bool = False,
-    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
-        """inputs_embeds: (batch, len, hidden) → final hidden states (batch, len, hidden) and, if
-        ``keep_kv``, every layer's fresh (k, v) of this call (else an empty list)."""
+    def forward(self, inputs_embeds: torch.Tensor, ctx: AttentionInputs) -> torch.Tensor:
+        """inputs_embeds: (batch, len, hidden) → final hidden states (batch, len, hidden)."""
         x = inputs_embeds
-        new_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         for index, layer in enumerate(self.layers):
-            x, kv = layer(x, ctx, prefix_kv[index] if prefix_kv is not None else None)
-            if keep_kv:
-                new_kv.append(kv)
-        return self.norm(x), new_kv
+            x = layer(x, ctx, index)
+        return self.norm(x)

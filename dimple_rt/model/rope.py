@@ -96,7 +96,8 @@ def rotary_cos_sin(
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x (batch, len, heads, head_dim)`` by ``cos/sin (batch, len, head_dim)`` in x's dtype."""
-    cos = cos[:, :, None, :]  # (batch, len, 1, head_dim)
-    sin = sin[:, :, None, :]
+    """Rotate ``x (batch, len, heads, head_dim)`` by ``cos/sin (batch, len, head_dim)`` in x's dtype (the tables
+    are cast to it: under autocast the projections are bf16 while the tables follow the fp32 embeddings)."""
+    cos = cos.to(x.dtype)[:, :, None, :]  # (batch, len, 1, head_dim)
+    sin = sin.to(x.dtype)[:, :, None, :]
     return x * cos + rotate_half(x) * sin
