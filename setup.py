@@ -198,7 +198,9 @@ def build_config() -> dict:
         "cuda_sources": cuda_sources,
         "include_dirs": include_dirs,
         "cxx_flags": cxx + defines,
-        "nvcc_flags": [*opt, "-lineinfo", "--expt-relaxed-constexpr", *defines],
+        # -Xptxas=-v: ptxas prints registers, shared memory and spills of every kernel (benchmarks/RESULTS.md).
+        # No --use_fast_math: confident_select's decisions need the accurate expf/logf that torch uses.
+        "nvcc_flags": [*opt, "-lineinfo", "--expt-relaxed-constexpr", "-Xptxas=-v", *defines],
         "link_flags": ["-fopenmp", *shared_libstdcxx_link_args()] + (["-g"] if debug else []),
     }
 

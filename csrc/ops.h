@@ -33,6 +33,14 @@ at::Tensor masked_attention_cuda(const at::Tensor& q, const at::Tensor& k, const
                                  const std::optional<at::Tensor>& prefix_k, const std::optional<at::Tensor>& prefix_v,
                                  const std::optional<at::Tensor>& key_mask, const std::optional<at::Tensor>& cu_seqlens,
                                  bool causal, std::optional<double> scale);
+
+void kv_cache_write_cuda(at::Tensor& cache_k, at::Tensor& cache_v, const at::Tensor& k, const at::Tensor& v,
+                         const at::Tensor& cos, const at::Tensor& sin, int64_t start);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> confident_select_cuda(
+    const at::Tensor& logits, const at::Tensor& row_ids, const at::Tensor& n, double temperature,
+    std::optional<double> top_p, std::optional<int64_t> top_k, const std::optional<at::Tensor>& uniforms,
+    c10::string_view confidence, bool use_original_confidence, std::optional<double> threshold, bool batch_coupled);
 #endif
 
 }  // namespace dimple_rt
