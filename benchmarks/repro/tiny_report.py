@@ -1,0 +1,351 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Small-scale reproduction of the Dimple paper's claims with dimple-tiny (see benchmarks/REPRODUCTION.md).
+
+    PYTHONPATH=. python benchmarks/repro/tiny_report.py --baseline runs/dimple-tiny/baseline/checkpoint-1300
+
+Runs every experiment on the test split (seeds 20,000,000+, never seen in training), writes
+``benchmarks/repro/results.json`` (every number), ``benchmarks/repro/RESULTS.md`` (the tables) and the PNG plots
+next to them. Greedy decoding throughout, batch size 1, so every number is deterministic up to floating point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dimple_rt import Runtime
+from dimple_rt.generation.priors import parse_template
+from dimple_rt.tiny import tasks
+
+HERE = Path(__file__).resolve().parent
+CANVAS = 48  # longer than every answer (at most 36 tokens + 1 terminator)
+LONG_CANVAS = 128  # "much longer than the answer", for the length-bias experiment
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def run_one(rt: Runtime, example: tasks.Example, **options: Any) -> dict[str, Any]:
+    """Generate one answer and record what the experiments need."""
+    start = time.perf_counter()
+    result = rt.generate(tasks.conversation(example), **options)
+    elapsed = time.perf_counter() - start
+    return {
+        "seed": example.seed,
+        "task": example.task,
+        "text": result.text,
+        "correct": tasks.is_correct(example, result.text),
+        "passes": result.num_forward_passes,
+        "length": len(result.token_ids),
+        "ref_length": len(rt.tokenizer.encode(example.answer)),
+        "seconds": elapsed,
+    }
+
+
+def run_many(rt: Runtime, items: list[tasks.Example], label: str, **options: Any) -> list[dict[str, Any]]:
+    rows = []
+    start = time.perf_counter()
+    for index, example in enumerate(items):
+        rows.append(run_one(rt, example, **options))
+        if (index + 1) % 50 == 0:
+            print(f"  {label}: {index + 1}/{len(items)} in {time.perf_counter() - start:.0f} s", flush=True)
+    return rows
+
+
+def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Accuracy overall and per task, mean passes, mean answer length, mean wall time."""
+    by_task: dict[str, list[bool]] = defaultdict(list)
+    for row in rows:
+        by_task[row["task"]].append(row["correct"])
+    return {
+        "n": len(rows),
+        "accuracy": statistics.fmean(row["correct"] for row in rows),
+        "accuracy_by_task": {task: statistics.fmean(v) for task, v in sorted(by_task.items())},
+        "n_by_task": {task: len(v) for task, v in sorted(by_task.items())},
+        "mean_passes": statistics.fmean(row["passes"] for row in rows),
+        "mean_length": statistics.fmean(row["length"] for row in rows),
+        "mean_ref_length": statistics.fmean(row["ref_length"] for row in rows),
+        "mean_seconds": statistics.fmean(row["seconds"] for row in rows),
+    }
+
+
+# Structure priors ----------------------------------------------------------------------------------------------
+
+
+def template_experiment(rt: Runtime, items: list[tasks.Example]) -> dict[str, Any]:
+    """A format the model never saw: ``Colour:<c> Shape:<k>.`` for "What shape is at ...?" questions.
+
+    Obeys: both slots hold a word of the right kind (a colour, a shape) and nothing follows the template;
+    correct: they are the scene's. The template tokens themselves are fixed by construction.
+    """
+    template = "Colour:<mask:1> Shape:<mask:1>."
+    colours, kinds = set(tasks.COLOURS), set(tasks.KINDS)
+    pattern = re.compile(r"Colour:\s*(\w+) Shape:\s*(\w+)\.$")
+    length = len(parse_template(template, rt.tokenizer.encode, rt.config.mask_token_id))
+    rows = []
+    for example in items:
+        result = rt.generate(
+            tasks.conversation(example), max_new_tokens=CANVAS, template=template, response_length=length
+        )
+        match = pattern.match(result.text.strip())
+        truth = re.match(r"A (\w+) (\w+)\.", example.answer)
+        assert truth is not None
+        obeys = bool(match) and match.group(1).lower() in colours and match.group(2).lower() in kinds
+        correct = obeys and (match.group(1).lower(), match.group(2).lower()) == truth.groups()
+        rows.append({"seed": example.seed, "text": result.text, "obeys": obeys, "correct": correct})
+    return {
+        "template": template,
+        "n": len(rows),
+        "obey_rate": statistics.fmean(r["obeys"] for r in rows),
+        "accuracy": statistics.fmean(r["correct"] for r in rows),
+        "examples": rows[:5],
+    }
+
+
+def length_experiment(rt: Runtime, items: list[tasks.Example], lengths: list[int]) -> dict[str, Any]:
+    """``response_length=k`` on "Describe the image." (answers of 12-36 tokens): how often the answer is exactly k
+    tokens, at most k (guaranteed by construction), and a complete sentence (ends with '.')."""
+    out = {}
+    for k in lengths:
+        rows = []
+        for example in items:
+            result = rt.generate(tasks.conversation(example), max_new_tokens=CANVAS, response_length=k)
+            text = result.text.strip()
+            rows.append(
+                {
+                    "length": len(result.token_ids),
+                    "exact": len(result.token_ids) == k,
+                    "at_most": len(result.token_ids) <= k,
+                    "complete": text.endswith("."),
+                    "correct": tasks.is_correct(example, result.text),
+                    "ref_length": len(rt.tokenizer.encode(example.answer)),
+                    "text": result.text,
+                }
+            )
+        out[str(k)] = {
+            "n": len(rows),
+            "exact_rate": statistics.fmean(r["exact"] for r in rows),
+            "at_most_rate": statistics.fmean(r["at_most"] for r in rows),
+            "complete_rate": statistics.fmean(r["complete"] for r in rows),
+            "content_accuracy": statistics.fmean(r["correct"] for r in rows),
+            "mean_length": statistics.fmean(r["length"] for r in rows),
+            "ref_fits_rate": statistics.fmean(r["ref_length"] <= k for r in rows),
+            "examples": [r["text"] for r in rows[:3]],
+        }
+    return out
+
+
+# Plots ----------------------------------------------------------------------------------------------------------
+
+
+def plot_passes(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    ax.scatter([r["length"] for r in rows], [r["passes"] for r in rows], s=12, alpha=0.5, label="threshold 0.95")
+    top = max(r["length"] for r in rows) + 2
+    ax.plot([0, top], [0, top / 3], "k--", lw=1, label="L/3 (paper)")
+    ax.axhline(CANVAS, color="r", lw=1, label=f"one token per step ({CANVAS})")
+    ax.set_xlabel("answer length L (tokens)")
+    ax.set_ylabel("forward passes")
+    ax.set_title(f"dimple-tiny, confident decoding, canvas {CANVAS}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_lengths(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), sharey=True)
+    for ax, (name, rows) in zip(axes, results.items()):
+        ax.scatter([r["ref_length"] for r in rows], [r["length"] for r in rows], s=12, alpha=0.5)
+        top = max(max(r["length"] for r in rows), max(r["ref_length"] for r in rows)) + 2
+        ax.plot([0, top], [0, top], "k--", lw=1)
+        ax.set_title(f"{name} (canvas {LONG_CANVAS})")
+        ax.set_xlabel("reference length (tokens)")
+    axes[0].set_ylabel("generated length (tokens)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# Report ---------------------------------------------------------------------------------------------------------
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def write_markdown(results: dict[str, Any], path: Path) -> None:
+    lines = [
+        "# dimple-tiny: measured numbers",
+        "",
+        f"Generated by `benchmarks/repro/tiny_report.py` ({results['when']}).",
+        "",
+    ]
+    main = results["main"]
+    lines += [
+        f"## Accuracy and forward passes (test split, n={main['confident']['n']}, canvas {CANVAS}, prefill on)",
+        "",
+        "| decoding | accuracy | mean passes | mean answer length | mean s/answer |",
+        "|---|---|---|---|---|",
+    ]
+    for name, label in (("confident", "threshold 0.95"), ("one_per_step", "threshold None (one token per step)")):
+        s = main[name]
+        lines.append(
+            f"| {label} | {_pct(s['accuracy'])} | {s['mean_passes']:.2f} | {s['mean_length']:.1f} | "
+            f"{s['mean_seconds']:.3f} |"
+        )
+    lines += ["", "| task | n | accuracy (0.95) | accuracy (one per step) |", "|---|---|---|---|"]
+    for task, acc in main["confident"]["accuracy_by_task"].items():
+        other = main["one_per_step"]["accuracy_by_task"].get(task, float("nan"))
+        lines.append(f"| {task} | {main['confident']['n_by_task'][task]} | {_pct(acc)} | {_pct(other)} |")
+    ratio = results["passes_over_length"]
+    lines += ["", f"Mean passes / mean answer length with threshold 0.95: {ratio:.3f} (paper: about 1/3).", ""]
+    pre = results["prefill"]
+    lines += [
+        f"## Prefilling (n={pre['on']['n']}, threshold 0.95)",
+        "",
+        "| prefill | accuracy | mean s/answer | mean passes |",
+        "|---|---|---|---|",
+        f"| on | {_pct(pre['on']['accuracy'])} | {pre['on']['mean_seconds']:.3f} | {pre['on']['mean_passes']:.2f} |",
+        f"| off | {_pct(pre['off']['accuracy'])} | {pre['off']['mean_seconds']:.3f} | {pre['off']['mean_passes']:.2f} |",
+        "",
+        (
+            f"Speed-up {pre['off']['mean_seconds'] / pre['on']['mean_seconds']:.2f}x; answers identical in "
+            f"{_pct(pre['identical_rate'])} of cases."
+        ),
+        "",
+        f"## Canvas much longer than the answer (canvas {LONG_CANVAS}, threshold 0.95)",
+        "",
+        (
+            "| model | n | accuracy | mean generated length | mean reference length | mean abs(gen - ref) | "
+            "longer than ref | shorter than ref |"
+        ),
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, s in results["length_bias"].items():
+        lines.append(
+            f"| {name} | {s['n']} | {_pct(s['accuracy'])} | {s['mean_length']:.2f} | {s['mean_ref_length']:.2f} | "
+            f"{s['mean_abs_error']:.2f} | {_pct(s['longer_rate'])} | {_pct(s['shorter_rate'])} |"
+        )
+    if "baseline_canvas48" in results:
+        b = results["baseline_canvas48"]
+        lines += ["", f"Pure-diffusion baseline at canvas {CANVAS}: accuracy {_pct(b['accuracy'])} (n={b['n']}).", ""]
+    t = results["template"]
+    lines += [
+        "",
+        "## Structure priors",
+        "",
+        f"Template `{t['template']}` on 'What shape is at ...?' questions (n={t['n']}): obeys "
+        f"{_pct(t['obey_rate'])}, correct {_pct(t['accuracy'])}. First outputs: "
+        + "; ".join(f"`{e['text']}`" for e in t["examples"][:3]),
+        "",
+        "`response_length=k` on 'Describe the image.':",
+        "",
+        "| k | n | exactly k | at most k | ends with '.' | content correct | reference fits in k |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for k, s in results["response_length"].items():
+        lines.append(
+            f"| {k} | {s['n']} | {_pct(s['exact_rate'])} | {_pct(s['at_most_rate'])} | {_pct(s['complete_rate'])} | "
+            f"{_pct(s['content_accuracy'])} | {_pct(s['ref_fits_rate'])} |"
+        )
+    _atomic_write(path, "\n".join(lines) + "\n")
+
+
+def length_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    s = summary(rows)
+    s["mean_abs_error"] = statistics.fmean(abs(r["length"] - r["ref_length"]) for r in rows)
+    s["longer_rate"] = statistics.fmean(r["length"] > r["ref_length"] for r in rows)
+    s["shorter_rate"] = statistics.fmean(r["length"] < r["ref_length"] for r in rows)
+    return s
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="dimple-tiny")
+    parser.add_argument("--baseline", help="pure-diffusion checkpoint for the length-bias comparison")
+    parser.add_argument("--n", type=int, default=300, help="test examples for accuracy and forward passes")
+    parser.add_argument("--n-small", type=int, default=100, help="examples for the other experiments")
+    parser.add_argument("--out", default=str(HERE))
+    parser.add_argument("--threads", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rt = Runtime(args.model)
+    test = list(tasks.examples("test", args.n))
+    small = test[: args.n_small]
+    results: dict[str, Any] = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "model": args.model}
+
+    def timed(label: str) -> None:
+        print(f"{time.strftime('%H:%M:%S')} {label}", flush=True)
+
+    timed("main: threshold 0.95")
+    confident = run_many(rt, test, "0.95", max_new_tokens=CANVAS)
+    timed("main: one token per step")
+    one = run_many(rt, test, "None", max_new_tokens=CANVAS, threshold=None)
+    results["main"] = {"confident": summary(confident), "one_per_step": summary(one)}
+    results["passes_over_length"] = statistics.fmean(r["passes"] for r in confident) / max(
+        1e-9, statistics.fmean(r["length"] for r in confident)
+    )
+    plot_passes(confident, out / "tiny_passes.png")
+
+    timed("prefill off")
+    off = run_many(rt, small, "prefill off", max_new_tokens=CANVAS, prefill=False)
+    on = confident[: len(small)]
+    results["prefill"] = {
+        "on": summary(on),
+        "off": summary(off),
+        "identical_rate": statistics.fmean(a["text"] == b["text"] for a, b in zip(on, off)),
+    }
+
+    timed("length bias")
+    long_rows = {"AR → diffusion (dimple-tiny)": run_many(rt, small, "long", max_new_tokens=LONG_CANVAS)}
+    if args.baseline:
+        base = Runtime(args.baseline)
+        long_rows["pure diffusion (baseline)"] = run_many(base, small, "baseline long", max_new_tokens=LONG_CANVAS)
+        results["baseline_canvas48"] = summary(run_many(base, small, "baseline 48", max_new_tokens=CANVAS))
+    results["length_bias"] = {name: length_stats(rows) for name, rows in long_rows.items()}
+    if len(long_rows) > 1:
+        plot_lengths(long_rows, out / "tiny_length_bias.png")
+
+    timed("structure priors")
+    shape_questions = list(tasks.examples("test", args.n_small, task="kind_at_position"))
+    results["template"] = template_experiment(rt, shape_questions)
+    describe = list(tasks.examples("test", args.n_small // 2, task="describe"))
+    results["response_length"] = length_experiment(rt, describe, [8, 16, 24])
+
+    results["rows"] = {"confident": confident, "one_per_step": one, "prefill_off": off, "long": long_rows}
+    _atomic_write(out / "results.json", json.dumps(results, indent=1, ensure_ascii=False) + "\n")
+    write_markdown(results, out / "RESULTS.md")
+    timed(f"wrote {out / 'results.json'} and {out / 'RESULTS.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
