@@ -16,10 +16,11 @@
 // The greedy step with the original distribution's plain/margin confidence (Dimple's default) fuses passes
 // 1 and 2 per L1-sized chunk with an online rescale (fused_max_sum), so the row is read from memory once.
 // Passes 2/3 re-read the row (from L2/L3: 600 KB per fp32 row of Dimple's 152064-token vocabulary). Top-p
-// picks the nucleus among the candidates by repeated halving with nth_element (linear), sorting only the
-// last ≤ 32 entries. Sampling is an inverse CDF in vocabulary order driven by the caller's uniform, so a run
-// is reproducible and independent of threads. Rows run in parallel (at::parallel_for, each thread with its
-// own scratch); the commit decision (threshold, else the n most confident per group) is a cheap serial pass
+// alone picks the nucleus among the candidates with a 512-bucket histogram of the logit gap (buckets before
+// the crossing are kept whole) and then repeated halving with nth_element inside the crossing bucket
+// (linear), sorting only the last ≤ 32 entries. Sampling is an inverse CDF in vocabulary order driven by the caller's
+// uniform, so a run is reproducible and independent of threads. Rows run in parallel (at::parallel_for, each thread
+// with its own scratch); the commit decision (threshold, else the n most confident per group) is a cheap serial pass
 // over the N confidences afterwards. Vector loops are at::vec::Vectorized<float>; a partial last vector is
 // padded with -inf, which every pass treats as probability 0, and is masked out of the candidate lists.
 #include <ATen/Parallel.h>
@@ -115,6 +116,7 @@ inline bool ranks_before(const Candidate& a, const Candidate& b) {
 struct Scratch {
   std::vector<float> topk;         // top-k candidate values
   std::vector<Candidate> cands;    // top-p / top-k candidates
+  std::vector<Candidate> band;     // top-p candidates of the bucket holding the cut
   std::vector<double> block_sums;  // Σ wt per kBlock entries, for the inverse CDF
 };
 
@@ -413,29 +415,75 @@ class RowSelector {
       }
     } else if (top_p_) {
       const double target = p_.top_p * st_;
-      double mass = 0.0;
-      for (const Candidate& e : c) mass += e.w;
-      if (!(mass > target)) gather_all_positive();
-      // Halving: [0, lo) is kept, [hi, end) is not; undecided [lo, hi) holds the cut.
-      int64_t lo = 0, hi = static_cast<int64_t>(c.size());
-      double base = 0.0;  // mass ranked before lo
-      while (hi - lo > kSortTail) {
-        const int64_t mid = lo + (hi - lo) / 2;
-        std::nth_element(c.begin() + lo, c.begin() + mid, c.begin() + hi, ranks_before);
-        double upper = 0.0;
-        for (int64_t j = lo; j < mid; ++j) upper += c[j].w;
-        if (base + upper <= target) {  // the entry ranked at mid still has at most top_p before it
-          base += upper;
-          lo = mid;
+      // Bucket the candidates by their logit gap (1/16 nat; a bucket is an interval of the rank order):
+      // every bucket before the one where the mass crosses top_p·St is kept whole, every one after dropped.
+      // Four interleaved histograms, so that runs of entries in one bucket do not serialise on one sum.
+      constexpr int kBuckets = 512;
+      constexpr float kBucketsPerNat = 16.0f;
+      auto bucket = [&](float zt) {
+        return static_cast<int>(std::min((mt_ - zt) * kBucketsPerNat, static_cast<float>(kBuckets - 1)));
+      };
+      double hist[4][kBuckets];
+      auto histogram = [&] {
+        std::fill(&hist[0][0], &hist[0][0] + 4 * kBuckets, 0.0);
+        for (size_t j = 0; j < c.size(); ++j) hist[j & 3][bucket(c[j].zt)] += c[j].w;
+        double total = 0.0;
+        for (int b = 0; b < kBuckets; ++b) {
+          hist[0][b] += hist[1][b] + hist[2][b] + hist[3][b];
+          total += hist[0][b];
+        }
+        return total;
+      };
+      if (!(histogram() > target)) {  // the e^-24 candidates miss part of the nucleus: take every token
+        gather_all_positive();
+        histogram();
+      }
+      const double* bucket_mass = hist[0];
+      int cut_bucket = -1;
+      double base = 0.0;  // mass ranked before the cut bucket
+      for (int b = 0; b < kBuckets && cut_bucket < 0; ++b) {
+        if (base + bucket_mass[b] > target) {
+          cut_bucket = b;
         } else {
-          hi = mid;
+          base += bucket_mass[b];
         }
       }
-      std::sort(c.begin() + lo, c.begin() + hi, ranks_before);
-      int64_t cut = lo;
-      while (cut < hi && base <= target) base += c[cut++].w;  // keep while the mass before it <= top_p
-      c.resize(cut);
-      std::sort(c.begin(), c.end(), [](const Candidate& a, const Candidate& b) { return a.idx < b.idx; });
+      if (cut_bucket >= 0) {
+        // Inside the cut bucket, halving: [0, lo) is kept, [hi, end) is not; undecided [lo, hi) holds the cut.
+        auto& band = s_.band;
+        band.clear();
+        for (const Candidate& e : c)
+          if (bucket(e.zt) == cut_bucket) band.push_back(e);
+        int64_t lo = 0, hi = static_cast<int64_t>(band.size());
+        while (hi - lo > kSortTail) {
+          const int64_t mid = lo + (hi - lo) / 2;
+          std::nth_element(band.begin() + lo, band.begin() + mid, band.begin() + hi, ranks_before);
+          double upper = 0.0;
+          for (int64_t j = lo; j < mid; ++j) upper += band[j].w;
+          if (base + upper <= target) {  // the entry ranked at mid still has at most top_p before it
+            base += upper;
+            lo = mid;
+          } else {
+            hi = mid;
+          }
+        }
+        std::sort(band.begin() + lo, band.begin() + hi, ranks_before);
+        int64_t cut = lo;
+        while (cut < hi && base <= target) base += band[cut++].w;  // keep while the mass before it <= top_p
+        // The kept set is a rank-order prefix: everything ranked before the first dropped entry. Filtering the
+        // index-ordered candidates by that keeps them in vocabulary order without a sort.
+        const auto dropped =
+            cut < hi ? band.begin() + cut : std::min_element(band.begin() + hi, band.end(), ranks_before);
+        if (dropped != band.end()) {
+          const Candidate first_dropped = *dropped;
+          c.erase(
+              std::remove_if(c.begin(), c.end(), [&](const Candidate& e) { return !ranks_before(e, first_dropped); }),
+              c.end());
+        } else {
+          c.erase(std::remove_if(c.begin(), c.end(), [&](const Candidate& e) { return bucket(e.zt) > cut_bucket; }),
+                  c.end());
+        }
+      }
     }
     double sk = 0.0;
     for (const Candidate& e : c) sk += e.w;
@@ -577,7 +625,9 @@ template <typename T>
 void confident_select_rows(const ConfidentSelectParams& p) {
   const T* logits = static_cast<const T*>(p.logits);
   at::parallel_for(0, p.num_rows, 1, [&](int64_t begin, int64_t end) {
-    Scratch scratch;
+    // Per thread and kept across calls: a top-p row can gather the whole vocabulary (2.4 MB), and
+    // allocating that afresh every step costs page faults.
+    thread_local Scratch scratch;
     RowSelector<T> selector(p, scratch);
     for (int64_t r = begin; r < end; ++r) {
       const float u = p.uniforms != nullptr ? p.uniforms[r] : 0.0f;
