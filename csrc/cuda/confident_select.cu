@@ -1,0 +1,91 @@
+// SPDX-License-Identifier: Apache-2.0
+// confident_select (CUDA launcher): the shared argument checks, then one block per masked row
+// (kernels/confident_select.cuh: token, confidence) and a second small kernel for the commit mask, both on
+// the current stream: no host round trip, so the tensor values that the CPU op checks on the host (row_ids
+// order, n >= 0, uniforms in [0, 1), a finite maximum per row) are not checked here; see the kernel file.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <string_view>
+#include <tuple>
+
+#include "common/confident_select.h"
+#include "cuda/kernels/confident_select.cuh"
+#include "cuda/kernels/static_switch.h"
+#include "ops.h"
+
+namespace dimple_rt {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> confident_select_cuda(
+    const at::Tensor& logits_in, const at::Tensor& row_ids_in, const at::Tensor& n_in, double temperature,
+    std::optional<double> top_p, std::optional<int64_t> top_k, const std::optional<at::Tensor>& uniforms_in,
+    c10::string_view confidence, bool use_original_confidence, std::optional<double> threshold, bool batch_coupled) {
+  const std::string_view kind_name(confidence.data(), confidence.size());
+  check_confident_select_args(logits_in, row_ids_in, n_in, temperature, top_p, top_k, uniforms_in, kind_name,
+                              batch_coupled);
+  TORCH_CHECK_VALUE(logits_in.is_cuda(), "confident_select_cuda: logits must be on a CUDA device, got ",
+                    logits_in.device());
+  const int64_t N = logits_in.size(0), V = logits_in.size(1);
+  TORCH_CHECK_VALUE(V < (int64_t{1} << 24), "confident_select: vocabulary sizes up to 2^24 are supported, got ", V);
+  const c10::cuda::CUDAGuard guard(logits_in.device());
+  // The vocabulary must be contiguous; rows may have any stride.
+  const at::Tensor logits = logits_in.stride(1) == 1 || V == 1 ? logits_in : logits_in.contiguous();
+  const at::Tensor row_ids = row_ids_in.contiguous();
+  const at::Tensor n = n_in.contiguous();
+  at::Tensor uniforms;
+  if (temperature > 0) uniforms = uniforms_in->contiguous();
+
+  at::Tensor x0 = at::empty({N}, logits.options().dtype(at::kLong));
+  at::Tensor conf = at::empty({N}, logits.options().dtype(at::kFloat));
+  at::Tensor commit = at::empty({N}, logits.options().dtype(at::kBool));
+  if (N == 0) return {x0, conf, commit};
+
+  ConfidentSelectParams p;
+  p.logits = logits.const_data_ptr();
+  p.logits_row_stride = logits.stride(0);
+  p.uniforms = temperature > 0 ? uniforms.const_data_ptr<float>() : nullptr;
+  p.num_rows = N;
+  p.vocab = V;
+  p.temperature = static_cast<float>(temperature);
+  p.top_p = top_p.value_or(1.0);
+  p.top_k = top_k.value_or(0);
+  p.kind = parse_confidence_kind(kind_name);
+  p.use_original_confidence = use_original_confidence;
+  p.x0 = x0.mutable_data_ptr<int64_t>();
+  p.confidence = conf.mutable_data_ptr<float>();
+
+  const cuda::ElementKind kind = logits.scalar_type() == at::kBFloat16 ? cuda::ElementKind::kBFloat16
+                                 : logits.scalar_type() == at::kHalf   ? cuda::ElementKind::kFloat16
+                                                                       : cuda::ElementKind::kFloat32;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  ELEMENT_SWITCH(kind, elem_t, [&] {
+    cuda::select::confident_select_rows_kernel<elem_t>
+        <<<static_cast<unsigned>(N), cuda::select::kThreads, 0, stream>>>(p);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  cuda::select::CommitParams c;
+  c.confidence = p.confidence;
+  c.row_ids = row_ids.const_data_ptr<int64_t>();
+  c.n = n.const_data_ptr<int64_t>();
+  c.num_rows = N;
+  c.groups = n.size(0);
+  c.batch_coupled = batch_coupled;
+  c.use_threshold = threshold.has_value() && *threshold > 0;
+  c.threshold = static_cast<float>(threshold.value_or(0.0));  // compared in fp32, as the reference does
+  c.commit = commit.mutable_data_ptr<bool>();
+  const unsigned blocks = static_cast<unsigned>((N + cuda::select::kCommitThreads - 1) / cuda::select::kCommitThreads);
+  cuda::select::commit_kernel<<<blocks, cuda::select::kCommitThreads, 0, stream>>>(c);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {x0, conf, commit};
+}
+
+}  // namespace dimple_rt
+
+TORCH_LIBRARY_IMPL(dimple_rt, CUDA, m) {
+  m.impl("confident_select", &dimple_rt::confident_select_cuda);
+}
