@@ -3,26 +3,26 @@
 //
 // logits: (N, V) rows of the masked canvas positions (row-major (batch, position) order), any row stride,
 // contiguous vocabulary (the launcher copies otherwise). Per row, in fp32 (dimple_rt/reference.py
-// confident_select is the executable spec; the comments there define every rounding that matters):
-//   pass 1  max, lowest argmax and second largest of z (per-lane max1/max2/index in two interleaved lane sets,
-//           reduced at the end), and
-//           with top-k the k-th largest tempered logit (a candidate buffer above a rising threshold,
-//           compacted with nth_element: O(V + k log V), no sort of the vocabulary);
+// confident_select is the executable spec and defines every rounding that matters):
+//   pass 1  max, lowest argmax and second largest of z (per-lane max1/max2/index in two interleaved lane
+//           sets, reduced at the end); with top-k also the k-th largest tempered logit (a candidate buffer
+//           above a rising threshold, compacted with nth_element: O(V + k log V), no vocabulary sort);
 //   pass 2  w0 = exp(z − m) and/or wt = exp(z/T − m/T), summed per block of 4 vectors into doubles (the
-//           block sums double as the inverse-CDF table when sampling); the candidates: with top-k the
-//           entries ≥ the k-th largest (the kept set is a rank-order prefix of them), with top-p alone the
-//           entries wt ≥ exp(−24) (their mass is checked: P ⊆ candidates whenever it exceeds top_p·ΣW);
+//           block sums are the inverse-CDF table when sampling); the candidates: with top-k the entries
+//           ≥ the k-th largest (the kept set is a rank-order prefix of them), with top-p alone the entries
+//           wt ≥ exp(−24) (P ⊆ candidates whenever their mass exceeds top_p·ΣW, which is checked);
 //   pass 3  only for neg_entropy over a whole distribution: Σ p·log(p + 1e-10).
 // The greedy step with the original distribution's plain/margin confidence (Dimple's default) fuses passes
-// 1 and 2 per L1-sized chunk with an online rescale (fused_max_sum), so the row is read from memory once.
-// Passes 2/3 re-read the row (from L2/L3: 600 KB per fp32 row of Dimple's 152064-token vocabulary). Top-p
-// alone picks the nucleus among the candidates with a 512-bucket histogram of the logit gap (buckets before
-// the crossing are kept whole) and then repeated halving with nth_element inside the crossing bucket
-// (linear), sorting only the last ≤ 32 entries. Sampling is an inverse CDF in vocabulary order driven by the caller's
-// uniform, so a run is reproducible and independent of threads. Rows run in parallel (at::parallel_for, each thread
-// with its own scratch); the commit decision (threshold, else the n most confident per group) is a cheap serial pass
-// over the N confidences afterwards. Vector loops are at::vec::Vectorized<float>; a partial last vector is
-// padded with -inf, which every pass treats as probability 0, and is masked out of the candidate lists.
+// 1 and 2 per L1-sized chunk with an online rescale (fused_max_sum), so the row is read from memory once;
+// otherwise passes 2/3 re-read it (600 KB per fp32 row of Dimple's 152064-token vocabulary, from L2/L3).
+// Top-p alone finds the nucleus with a 512-bucket histogram of the logit gap (buckets before the crossing
+// are kept whole), then halving with nth_element inside the crossing bucket (linear), sorting only the
+// last ≤ 32 entries. Sampling is an inverse CDF in vocabulary order driven by the caller's uniform, so a
+// run is reproducible and independent of the thread count. Rows run in parallel (at::parallel_for, each
+// thread with its own scratch); the commit decision (threshold, else the n most confident per group) is a
+// cheap serial pass over the N confidences afterwards. Vector loops are at::vec::Vectorized<float>; a
+// partial last vector is padded with -inf, which every pass treats as probability 0, and is masked out of
+// the candidate lists.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/functional.h>
