@@ -24,6 +24,7 @@ from .weights import load_state_dict_into, resolve_model
 Message = dict[str, Any]
 Prompt = str | Sequence[Message] | Sequence[str | Sequence[Message]]
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MODEL_INPUT_FIELDS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
 
 
 @dataclass
@@ -187,7 +188,7 @@ class Runtime:
             tensors = dict(inputs)
         elif inputs is not None:
             return self.prepare(inputs)
-        unknown = set(tensors) - {"input_ids", "attention_mask", "pixel_values", "image_grid_thw"}
+        unknown = set(tensors) - set(MODEL_INPUT_FIELDS)
         if unknown:
             raise TypeError(f"unknown model inputs {sorted(unknown)}")
         if tensors.get("input_ids") is None:
@@ -199,13 +200,15 @@ class Runtime:
     def _decode_request(
         self,
         inputs: Prompt | ModelInputs | Mapping[str, Any] | None,
-        tensors: dict[str, Any],
         template: str | None,
         response_length: int | None,
         options: dict[str, Any],
     ) -> tuple[DecodeRequest, GenerationConfig]:
-        """Validate everything and encode the images once, before the first step."""
-        model_inputs = self._model_inputs(inputs, tensors)
+        """Validate everything and encode the images once, before the first step. ``options`` may carry the
+        pre-tokenised ``input_ids``, ``attention_mask``, ``pixel_values``, ``image_grid_thw``; the rest are
+        GenerationConfig fields."""
+        tensors = {key: options.pop(key) for key in MODEL_INPUT_FIELDS if key in options}
+        model_inputs = self._model_inputs(inputs, {k: v for k, v in tensors.items() if v is not None})
         input_ids, attention_mask = model_inputs.input_ids, model_inputs.attention_mask
         if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
             raise ValueError(
@@ -256,16 +259,12 @@ class Runtime:
         response_length: int | None = None,
         tokens_hook: TokensHook | None = None,
         logits_hook: LogitsHook | None = None,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        image_grid_thw: torch.Tensor | None = None,
         **options: Any,
     ) -> GenerationResult | list[GenerationResult]:
         """Answer a prompt string, a conversation, or a batch of them, by Dimple's discrete diffusion.
 
         ``inputs`` may also be pre-tokenised: a ModelInputs, the authors' processor dict, or ``input_ids`` +
-        ``attention_mask`` (+ ``pixel_values``, ``image_grid_thw``) keywords; these are a batch.
+        ``attention_mask`` (+ ``pixel_values``, ``image_grid_thw``) keyword tensors; these are a batch.
         ``options`` are the fields of :class:`~dimple_rt.config.GenerationConfig` with Dimple's meaning:
         max_new_tokens (64), steps (= max_new_tokens), eps (1e-3), temperature (0: greedy), top_p, top_k, alg
         ("maskgit_plus"; also origin, origin-ratio, autoregressive, topk_margin, entropy), alg_temp, threshold
@@ -276,10 +275,7 @@ class Runtime:
         and ``logits_hook(step, x, logits) -> logits``, the authors' signatures and shapes.
         Returns one GenerationResult, or a list for a batch.
         """
-        tensors = _given(
-            input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, image_grid_thw=image_grid_thw
-        )
-        request, config = self._decode_request(inputs, tensors, template, response_length, options)
+        request, config = self._decode_request(inputs, template, response_length, options)
         history: list[torch.Tensor] = []
         sequences = torch.cat([request.input_ids, request.canvas], dim=1)
         passes = 0
@@ -321,12 +317,7 @@ class Runtime:
         **options: Any,
     ) -> Iterator[StreamStep]:
         """Like :meth:`generate`, but yield the canvas after every step (a batch: one row per input)."""
-        tensors = {
-            key: options.pop(key)
-            for key in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
-            if key in options
-        }
-        request, config = self._decode_request(inputs, _given(**tensors), template, response_length, options)
+        request, config = self._decode_request(inputs, template, response_length, options)
         prompt_len = request.input_ids.shape[1]
         with torch.inference_mode():
             for step in denoise(self.model, self.ops, request, config, tokens_hook, logits_hook):
@@ -353,8 +344,3 @@ class StreamStep:
     step: int
     canvas: torch.Tensor
     committed: int
-
-
-def _given(**tensors: Any) -> dict[str, Any]:
-    """The keyword tensors that were actually passed."""
-    return {key: value for key, value in tensors.items() if value is not None}
