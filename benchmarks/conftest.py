@@ -4,13 +4,19 @@
 Each benchmark is one (op, shape, implementation); the implementations of one (op, shape) share a
 ``benchmark.group`` so that ``--benchmark-group-by=group`` shows them side by side. Throughput is computed from
 the fastest round (the least disturbed by other processes on a shared 2-core machine).
+``DIMPLE_RT_BENCH_THREADS=n`` sets torch's (and so at::parallel_for's) thread count for the whole run.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import pytest
+import torch
+
+if os.environ.get("DIMPLE_RT_BENCH_THREADS"):  # e.g. 1 to compare on one core while the other one is busy
+    torch.set_num_threads(int(os.environ["DIMPLE_RT_BENCH_THREADS"]))
 
 
 @pytest.fixture
