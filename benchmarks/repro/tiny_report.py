@@ -178,13 +178,18 @@ def plot_lengths(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), sharey=True)
+    fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 4), sharey=True, squeeze=False)
+    axes = axes[0]
     for ax, (name, rows) in zip(axes, results.items()):
-        ax.scatter([r["ref_length"] for r in rows], [r["length"] for r in rows], s=12, alpha=0.5)
+        counts: dict[tuple[int, int], int] = defaultdict(int)
+        for r in rows:
+            counts[(r["ref_length"], r["length"])] += 1
+        points = sorted(counts.items())
+        ax.scatter([p[0][0] for p in points], [p[0][1] for p in points], s=[12 * p[1] for p in points], alpha=0.5)
         top = max(max(r["length"] for r in rows), max(r["ref_length"] for r in rows)) + 2
         ax.plot([0, top], [0, top], "k--", lw=1)
-        ax.set_title(f"{name} (canvas {LONG_CANVAS})")
-        ax.set_xlabel("reference length (tokens)")
+        ax.set_title(f"{name}\n(canvas {LONG_CANVAS})", fontsize=9)
+        ax.set_xlabel("reference length (tokens); area = count")
     axes[0].set_ylabel("generated length (tokens)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -199,6 +204,7 @@ def _pct(x: float) -> str:
 
 
 def write_markdown(results: dict[str, Any], path: Path) -> None:
+    """The tables of every experiment present in ``results``."""
     lines = [
         "# dimple-tiny: measured numbers",
         "",
@@ -251,9 +257,20 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
             f"| {name} | {s['n']} | {_pct(s['accuracy'])} | {s['mean_length']:.2f} | {s['mean_ref_length']:.2f} | "
             f"{s['mean_abs_error']:.2f} | {_pct(s['longer_rate'])} | {_pct(s['shorter_rate'])} |"
         )
-    if "baseline_canvas48" in results:
-        b = results["baseline_canvas48"]
-        lines += ["", f"Pure-diffusion baseline at canvas {CANVAS}: accuracy {_pct(b['accuracy'])} (n={b['n']}).", ""]
+    for key, label in (
+        ("ar_arm_canvas48", "AR → diffusion at the baseline's budget"),
+        ("baseline_canvas48", "Pure-diffusion baseline"),
+    ):
+        if key in results:
+            b = results[key]
+            lines += [
+                "",
+                (
+                    f"{label}, canvas {CANVAS}: accuracy {_pct(b['accuracy'])}, mean passes "
+                    f"{b['mean_passes']:.2f} (n={b['n']})."
+                ),
+            ]
+    lines.append("")
     t = results["template"]
     lines += [
         "",
@@ -284,63 +301,96 @@ def length_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return s
 
 
+PARTS = ("main", "prefill", "long", "baseline", "priors")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="dimple-tiny")
     parser.add_argument("--baseline", help="pure-diffusion checkpoint for the length-bias comparison")
+    parser.add_argument(
+        "--ar-arm", help="AR → diffusion checkpoint trained for the baseline's budget (length-bias comparison)"
+    )
     parser.add_argument("--n", type=int, default=300, help="test examples for accuracy and forward passes")
     parser.add_argument("--n-small", type=int, default=100, help="examples for the other experiments")
     parser.add_argument("--out", default=str(HERE))
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument(
+        "--parts",
+        default=",".join(PARTS),
+        help="comma-separated subset of " + ", ".join(PARTS) + "; the others are kept from an existing results.json",
+    )
     args = parser.parse_args(argv)
+    parts = set(args.parts.split(","))
+    if parts - set(PARTS):
+        parser.error(f"unknown parts {sorted(parts - set(PARTS))}")
+    if "baseline" in parts and not args.baseline:
+        parser.error("the baseline part needs --baseline CHECKPOINT")
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    previous = out / "results.json"
+    results: dict[str, Any] = json.loads(previous.read_text()) if previous.is_file() else {"rows": {}}
+    results.update(when=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), model=args.model)
+    rows = results.setdefault("rows", {})
     rt = Runtime(args.model)
     test = list(tasks.examples("test", args.n))
     small = test[: args.n_small]
-    results: dict[str, Any] = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "model": args.model}
 
     def timed(label: str) -> None:
         print(f"{time.strftime('%H:%M:%S')} {label}", flush=True)
 
-    timed("main: threshold 0.95")
-    confident = run_many(rt, test, "0.95", max_new_tokens=CANVAS)
-    timed("main: one token per step")
-    one = run_many(rt, test, "None", max_new_tokens=CANVAS, threshold=None)
-    results["main"] = {"confident": summary(confident), "one_per_step": summary(one)}
-    results["passes_over_length"] = statistics.fmean(r["passes"] for r in confident) / max(
-        1e-9, statistics.fmean(r["length"] for r in confident)
-    )
-    plot_passes(confident, out / "tiny_passes.png")
+    if "main" in parts:
+        timed("main: threshold 0.95")
+        rows["confident"] = run_many(rt, test, "0.95", max_new_tokens=CANVAS)
+        timed("main: one token per step")
+        rows["one_per_step"] = run_many(rt, test, "None", max_new_tokens=CANVAS, threshold=None)
+        results["main"] = {"confident": summary(rows["confident"]), "one_per_step": summary(rows["one_per_step"])}
+        confident = rows["confident"]
+        results["passes_over_length"] = statistics.fmean(r["passes"] for r in confident) / max(
+            1e-9, statistics.fmean(r["length"] for r in confident)
+        )
+        plot_passes(confident, out / "tiny_passes.png")
 
-    timed("prefill off")
-    off = run_many(rt, small, "prefill off", max_new_tokens=CANVAS, prefill=False)
-    on = confident[: len(small)]
-    results["prefill"] = {
-        "on": summary(on),
-        "off": summary(off),
-        "identical_rate": statistics.fmean(a["text"] == b["text"] for a, b in zip(on, off)),
-    }
+    if "prefill" in parts:
+        timed("prefill off")
+        rows["prefill_off"] = run_many(rt, small, "prefill off", max_new_tokens=CANVAS, prefill=False)
+        on = rows["confident"][: len(small)]
+        results["prefill"] = {
+            "on": summary(on),
+            "off": summary(rows["prefill_off"]),
+            "identical_rate": statistics.fmean(a["text"] == b["text"] for a, b in zip(on, rows["prefill_off"])),
+        }
 
-    timed("length bias")
-    long_rows = {"AR → diffusion (dimple-tiny)": run_many(rt, small, "long", max_new_tokens=LONG_CANVAS)}
-    if args.baseline:
+    long_rows = rows.setdefault("long", {})
+    if "long" in parts:
+        timed("length bias: AR → diffusion")
+        long_rows["AR → diffusion (dimple-tiny)"] = run_many(rt, small, "long", max_new_tokens=LONG_CANVAS)
+        if args.ar_arm:
+            arm = Runtime(args.ar_arm)
+            long_rows["AR → diffusion, baseline's budget"] = run_many(
+                arm, small, "AR arm long", max_new_tokens=LONG_CANVAS
+            )
+            rows["ar_arm_canvas48"] = run_many(arm, small, "AR arm 48", max_new_tokens=CANVAS)
+            results["ar_arm_canvas48"] = summary(rows["ar_arm_canvas48"])
+    if "baseline" in parts:
+        timed("length bias: pure diffusion")
         base = Runtime(args.baseline)
         long_rows["pure diffusion (baseline)"] = run_many(base, small, "baseline long", max_new_tokens=LONG_CANVAS)
-        results["baseline_canvas48"] = summary(run_many(base, small, "baseline 48", max_new_tokens=CANVAS))
-    results["length_bias"] = {name: length_stats(rows) for name, rows in long_rows.items()}
+        rows["baseline_canvas48"] = run_many(base, small, "baseline 48", max_new_tokens=CANVAS)
+        results["baseline_canvas48"] = summary(rows["baseline_canvas48"])
+    results["length_bias"] = {name: length_stats(r) for name, r in long_rows.items()}
     if len(long_rows) > 1:
         plot_lengths(long_rows, out / "tiny_length_bias.png")
 
-    timed("structure priors")
-    shape_questions = list(tasks.examples("test", args.n_small, task="kind_at_position"))
-    results["template"] = template_experiment(rt, shape_questions)
-    describe = list(tasks.examples("test", args.n_small // 2, task="describe"))
-    results["response_length"] = length_experiment(rt, describe, [8, 16, 24])
+    if "priors" in parts:
+        timed("structure priors")
+        shape_questions = list(tasks.examples("test", args.n_small, task="kind_at_position"))
+        results["template"] = template_experiment(rt, shape_questions)
+        describe = list(tasks.examples("test", args.n_small // 2, task="describe"))
+        results["response_length"] = length_experiment(rt, describe, [8, 16, 24])
 
-    results["rows"] = {"confident": confident, "one_per_step": one, "prefill_off": off, "long": long_rows}
     _atomic_write(out / "results.json", json.dumps(results, indent=1, ensure_ascii=False) + "\n")
     write_markdown(results, out / "RESULTS.md")
     timed(f"wrote {out / 'results.json'} and {out / 'RESULTS.md'}")

@@ -8,7 +8,8 @@ baseline, and the shipped copy under ``dimple_rt/assets/dimple-tiny``.
 The recipe is Dimple's (spec §6.6) at small scale: the ViT is random and frozen (there is no pre-trained one to
 start from), ``instruct`` trains projector + decoder autoregressively, ``diffusion`` continues the same weights
 with the masked-diffusion loss. The baseline runs ``diffusion`` from the initial model for as many samples as
-the two phases together. The stage configs are the JSON files next to this module; this script only fills in
+``instruct`` + ``diffusion``; ``diffusion_more`` then continues the diffusion phase (fresh warmup and decay) to
+give the shipped model. The stage configs are the JSON files next to this module; this script only fills in
 the paths. Each stage resumes from its newest checkpoint, so an interrupted build continues where it stopped.
 """
 
@@ -52,7 +53,13 @@ VOCAB_SIZE = 1024
 
 
 def init_state_dict(config: DimpleConfig, seed: int) -> dict[str, torch.Tensor]:
-    """The authors' init (spec §6.1): normal(0, 0.02) weights, zero biases, unit norms; seeded."""
+    """The authors' init (spec §6.1) for decoder and projector: normal(0, 0.02) weights, zero biases, unit norms.
+
+    The vision tower differs, because it stays frozen at its random init (Dimple starts from Qwen2.5-VL's trained
+    ViT; there is none to start from here): with std 0.02 its outputs are a large shared offset plus a variation
+    of about 0.02 per dimension, which the decoder barely picks up. A fan-in-scaled normal, 1/sqrt(fan_in), keeps
+    the patch information at unit scale (a linear probe on either reads colour and kind per cell perfectly).
+    """
     generator = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
         model = DimpleModel(config)
@@ -62,6 +69,9 @@ def init_state_dict(config: DimpleConfig, seed: int) -> dict[str, torch.Tensor]:
             state[name] = torch.ones(param.shape)
         elif name.endswith(".bias"):
             state[name] = torch.zeros(param.shape)
+        elif name.startswith("visual."):
+            fan_in = param[0].numel()
+            state[name] = torch.randn(param.shape, generator=generator) / fan_in**0.5
         else:
             state[name] = torch.randn(param.shape, generator=generator) * 0.02
     return state
@@ -82,8 +92,34 @@ def prepare(work: Path, seed: int = 0) -> Path:
         config.max_position_embeddings = 1024
         _write_json_atomic(init / "config.json", config.to_dict())
         ImageProcessor(min_pixels=SIZES.min_pixels, max_pixels=SIZES.max_pixels).save(init)
-        save_state_dict(init_state_dict(config, seed), init)
+        state = init_state_dict(config, seed)
+        save_state_dict(state, init)
+        save_state_dict(standardize_vision_output(init, state), init)
     return init
+
+
+def standardize_vision_output(init: Path, state: dict[str, torch.Tensor], images: int = 300) -> dict[str, torch.Tensor]:
+    """Rescale the frozen random ViT's last layer so its outputs have zero mean and unit variance per dimension
+    on training pictures (a data-dependent init, like feature standardisation).
+
+    Why: the white background makes every vision token share a large offset (norm ~6.6 against a variation of
+    ~0.2 per dimension); centred and scaled features reach the decoder at the scale of its embeddings.
+    """
+    from dimple_rt import Runtime
+
+    rt = Runtime(init, backend="reference")
+    outputs = []
+    for example in tasks.examples("train", images):
+        if example.has_image:
+            processed = rt.processor([example.image()])
+            with torch.no_grad():
+                outputs.append(rt.model.visual(processed.pixel_values, processed.image_grid_thw, rt.attention))
+    features = torch.cat(outputs)
+    mean, std = features.mean(0), features.std(0).clamp_min(1e-6)
+    state = dict(state)
+    state["visual.merger.mlp.2.weight"] = state["visual.merger.mlp.2.weight"] / std[:, None]
+    state["visual.merger.mlp.2.bias"] = (state["visual.merger.mlp.2.bias"] - mean) / std
+    return state
 
 
 def train_stage(config_name: str, init: Path, train_file: Path, output_dir: Path, **overrides: object) -> Path:
@@ -145,8 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.part in ("all", "main"):
         ar = train_stage("instruct.json", init, train_file, work / "instruct")
         diffusion = train_stage("diffusion.json", ar, train_file, work / "diffusion")
+        # A second diffusion stage (a fresh warmup and decay) from the first's end: the shipped model. The first
+        # stage's end (instruct + diffusion = the baseline's budget) is the length-bias comparison's AR arm.
+        final = train_stage("diffusion_more.json", diffusion, train_file, work / "diffusion-more")
         if not args.no_ship:
-            print(f"shipped {ship(diffusion)}")
+            print(f"shipped {ship(final)}")
     if args.part in ("all", "baseline"):
         train_stage("baseline.json", init, train_file, work / "baseline")
     return 0
