@@ -403,5 +403,9 @@ def test_bad_inputs_raise(rt: dimple_rt.Runtime) -> None:
         rt.generate(input_ids=ids, attention_mask=inputs.attention_mask)
     with pytest.raises(ValueError, match="changed prompt tokens"):
         rt.generate("Hi", tokens_hook=lambda step, x, logits: torch.zeros_like(x))
+    with_image = rt.prepare(_conversation("Hi"))
+    with pytest.raises(ValueError, match="image"):  # pixels for one image, no placeholders in the ids
+        rt.generate(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask,
+                    pixel_values=with_image.pixel_values, image_grid_thw=with_image.image_grid_thw)  # fmt: skip
     with pytest.raises(ValueError, match="either inputs or"):
         rt.generate("Hi", input_ids=inputs.input_ids, attention_mask=inputs.attention_mask)
