@@ -1,10 +1,10 @@
 # SPDX-License-Identifier: Apache-2.0
 """The ``dimple-rt`` command.
 
-``dimple-rt demo`` is README's first command. Until a trained model ships with the package it writes a tiny
-checkpoint with *random* weights, answers a question about an image it draws with the full pipeline (chat
-template, image preprocessing, vision tower, decoder, confident decoding with prefilling), and says plainly
-that the answer carries no meaning.
+``dimple-rt demo`` is README's first command: the shipped dimple-tiny model (a small Dimple we trained,
+AR then diffusion, see ``dimple_rt.tiny``) answers a question about a picture the task generator draws, with the
+full pipeline (chat template, image preprocessing, vision tower, decoder, confident decoding with prefilling),
+and prints the answer and the number of forward passes.
 ``dimple-rt generate MODEL`` answers a prompt (and image) with any checkpoint; ``dimple-rt forward MODEL`` runs
 one full-sequence forward.
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -75,18 +74,32 @@ def _run_generate(model: str, prompt: str, image: object | None, args: argparse.
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from dimple_rt.testing.tiny_checkpoint import write_tiny_checkpoint
+    from dimple_rt import Runtime
+    from dimple_rt.tiny import tasks
 
+    # The n-th held-out (test-split) "What colour is the ...?" question: never seen in training.
+    found = (e for e in tasks.examples("test", 100_000) if e.task == "colour_of_kind")
+    example = next(e for index, e in enumerate(found) if index == args.example)
+    image = example.image()
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        image.save(Path(args.out) / "demo.png")
+    rt = Runtime("dimple-tiny", backend=args.backend)
+    options = {"max_new_tokens": args.max_new_tokens, "alg": args.alg, "prefill": not args.no_prefill}
+    if args.threshold is not None:
+        options["threshold"] = args.threshold if args.threshold > 0 else None
+    start = time.perf_counter()
+    result = rt.generate(tasks.conversation(example, image), **options)
+    elapsed = time.perf_counter() - start
+    print(f"model: dimple-tiny ({rt.path})")
+    print(f"image: {', '.join(f'{s.colour} {s.kind} at {s.position}' for s in example.shapes)} (drawn, 84x84)")
+    print(f"question: {example.question}")
+    print(f"answer: {result.text}")
+    print(f"expected: {example.answer} ({'correct' if tasks.is_correct(example, result.text) else 'wrong'})")
     print(
-        "dimple-rt demo: no trained model ships with the package yet, so this writes a tiny checkpoint with\n"
-        "RANDOM weights (Dimple's exact layout and special tokens) and answers a question about a picture\n"
-        "with it. The pipeline is real (vision tower, confident decoding, prefilling); the answer is noise.\n"
+        f"forward passes: {result.num_forward_passes} for a {args.max_new_tokens}-token canvas "
+        f"({len(result.token_ids)} answer tokens) in {elapsed:.2f} s"
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        directory = Path(args.out) if args.out else Path(tmp) / "dimple-tiny-random"
-        write_tiny_checkpoint(directory)
-        print(f"wrote a random tiny checkpoint to {directory}")
-        _run_generate(str(directory), "What shapes are in this picture?", _draw_demo_image(), args)
     return 0
 
 
@@ -130,10 +143,11 @@ def _train(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dimple-rt", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run the pipeline end to end on a tiny model")
-    demo.add_argument("--out", help="keep the tiny checkpoint in this folder instead of a temporary one")
+    demo = sub.add_parser("demo", help="the shipped dimple-tiny model answers a question about a picture it draws")
+    demo.add_argument("--out", help="also save the demo picture as OUT/demo.png")
+    demo.add_argument("--example", type=int, default=0, help="ask about the n-th held-out picture instead")
     _add_decoding_options(demo)
-    demo.set_defaults(func=_demo)
+    demo.set_defaults(func=_demo, max_new_tokens=16)
     generate = sub.add_parser("generate", help="answer a prompt (and an image) with a checkpoint")
     generate.add_argument("model", help="alias, folder in Hugging Face layout, or repo id in the local HF cache")
     generate.add_argument("--prompt", default="Describe this image.")

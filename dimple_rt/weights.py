@@ -46,7 +46,9 @@ _SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 DEFAULT_REPO_ID = "rp-yu/Dimple-7B"
-MODEL_ALIASES: dict[str, str | Path] = {"dimple-7b": DEFAULT_REPO_ID}
+TINY_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "dimple-tiny"
+"""dimple-tiny, trained by ``python -m dimple_rt.tiny.build`` and shipped inside the package (works offline)."""
+MODEL_ALIASES: dict[str, str | Path] = {"dimple-7b": DEFAULT_REPO_ID, "dimple-tiny": TINY_MODEL_DIR}
 """Short names. A ``str`` value is a Hugging Face repo id (looked up in the local cache), a ``Path`` value a
 local folder (how a model shipped inside the package registers itself)."""
 
