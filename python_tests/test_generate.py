@@ -409,3 +409,18 @@ def test_bad_inputs_raise(rt: dimple_rt.Runtime) -> None:
                     pixel_values=with_image.pixel_values, image_grid_thw=with_image.image_grid_thw)  # fmt: skip
     with pytest.raises(ValueError, match="either inputs or"):
         rt.generate("Hi", input_ids=inputs.input_ids, attention_mask=inputs.attention_mask)
+
+
+@pytest.mark.parametrize("prefill", [False, True], ids=["full", "prefill"])
+def test_generated_image_pad_tokens_are_plain_tokens(rt: dimple_rt.Runtime, prefill: bool) -> None:
+    """Image features go to the prompt's placeholders only: an <|image_pad|> the model writes into the canvas
+    (here forced by a hook) is an ordinary token at the next step, not a slot that breaks the scatter."""
+    image_id = rt.config.image_token_id
+
+    def favour_image_pad(step, x, logits):
+        logits[..., image_id] += 1e3
+        return logits
+
+    result = rt.generate(_conversation("Hi"), max_new_tokens=6, steps=64, prefill=prefill, threshold=None,
+                         logits_hook=favour_image_pad)  # fmt: skip
+    assert result.sequences[0, -6:].tolist() == [image_id] * 6 and result.num_forward_passes == 6

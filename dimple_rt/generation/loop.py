@@ -92,6 +92,8 @@ def denoise(
         hooked = tokens_hook(None, ids.clone(), None)
         _check_tokens(hooked, ids, prompt_len, "tokens_hook(None, ...)")
         ids = hooked
+    image_mask = ids == config.image_token_id  # (B, total): the prompt's placeholders, never the canvas's
+    image_mask[:, prompt_len:] = False
     num_total_mask = (ids == mask_id).sum(dim=1).tolist()  # per row; the authors' count is the sum
     position_ids, _ = get_rope_index(ids, config, request.image_grid_thw, attention_mask)  # (3, B, total)
     schedule = timesteps(options.steps, options.eps, device)
@@ -121,6 +123,7 @@ def denoise(
             attention_mask=attention_mask,
             position_ids=position_ids[:, :, start:],
             image_features=None if prefilled else request.image_features,
+            image_mask=image_mask[:, start:],
             cache=cache,
             logits_rows=rows,
         )

@@ -78,11 +78,14 @@ class DimpleModel(nn.Module):
         features = self.visual(pixel_values.to(dtype), image_grid_thw, attention)  # (tokens, hidden)
         return self.img_projector(features)
 
-    def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor:
+    def embed(
+        self, input_ids: torch.Tensor, image_features: torch.Tensor | None, image_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Token embeddings (batch, len, hidden) with image features scattered, in row-major order, over
-        the ``<|image_pad|>`` positions."""
+        the ``<|image_pad|>`` positions, or over ``image_mask`` (batch, len) when given: generation passes the
+        prompt's placeholders, so an ``<|image_pad|>`` the model writes into the canvas stays a plain token."""
         embeds = self.model.embed_tokens(input_ids)  # (B, L, hidden)
-        is_image = input_ids == self.config.image_token_id
+        is_image = input_ids == self.config.image_token_id if image_mask is None else image_mask
         n_slots = int(is_image.sum())
         n_features = 0 if image_features is None else image_features.shape[0]
         if n_slots != n_features:
@@ -102,6 +105,7 @@ class DimpleModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
         image_grid_thw: torch.Tensor | None = None,
+        image_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         logits_rows: torch.Tensor | None = None,
         causal: bool | None = None,
@@ -111,7 +115,8 @@ class DimpleModel(nn.Module):
         attention_mask: (batch, prefix_len + len) 0/1 over the prefix and the current tokens.
         position_ids: (3, batch, len); computed with :func:`get_rope_index` when None (only valid without
         a prefix). cache: the prefill cache; this call's tokens are written at ``cache.start`` and the keys
-        before it are the prefix. image_features: from :meth:`encode_images`. logits_rows: optional bool (batch, len):
+        before it are the prefix. image_features: from :meth:`encode_images`, scattered over ``image_mask``
+        (default: the ``<|image_pad|>`` ids). logits_rows: optional bool (batch, len):
         only those rows go through the LM head, returned as (1, rows, vocab) in row-major order.
         causal: defaults to ``not config.full_attn_mask``.
         """
@@ -120,7 +125,7 @@ class DimpleModel(nn.Module):
             if cache is not None and cache.start:
                 raise ValueError("position_ids are required when a prefix cache is given")
             position_ids, rope_deltas = get_rope_index(input_ids, self.config, image_grid_thw, attention_mask)
-        embeds = self.embed(input_ids, image_features)
+        embeds = self.embed(input_ids, image_features, image_mask)
         cos, sin = rotary_cos_sin(
             position_ids, self.config.head_dim, self.config.rope_theta, self.config.mrope_section, embeds.dtype
         )

@@ -87,7 +87,9 @@ def rotary_cos_sin(
     Channel chunk k of ``mrope_section * 2`` takes its angle from stream ``k % 3``; selecting the chunks
     before applying the rotation is the same maths as the reference's per-chunk application.
     """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=position_ids.device) / head_dim))
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=position_ids.device) / head_dim)
+    )
     freqs = position_ids.to(torch.float32)[..., None] * inv_freq  # (3, batch, len, head_dim/2)
     emb = torch.cat([freqs, freqs], dim=-1)  # (3, batch, len, head_dim)
     chunks = emb.split(list(mrope_section) * 2, dim=-1)

@@ -92,7 +92,11 @@ def random_state_dict(config: DimpleConfig, seed: int, std: float = 0.1) -> dict
     state: dict[str, torch.Tensor] = {}
     for name, param in model.state_dict().items():
         noise = torch.randn(param.shape, generator=generator) * std
-        state[name] = 1.0 + noise if name.endswith("norm.weight") or "norm1" in name or "norm2" in name or "ln_q" in name else noise
+        state[name] = (
+            1.0 + noise
+            if name.endswith("norm.weight") or "norm1" in name or "norm2" in name or "ln_q" in name
+            else noise
+        )
     return state
 
 
