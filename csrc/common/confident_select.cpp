@@ -16,6 +16,26 @@ ConfidenceKind parse_confidence_kind(std::string_view name) {
                     std::string(name), "'");
 }
 
+ConfidentSelectParams confident_select_params(const at::Tensor& logits, const at::Tensor& uniforms, double temperature,
+                                              std::optional<double> top_p, std::optional<int64_t> top_k,
+                                              std::string_view confidence, bool use_original_confidence,
+                                              at::Tensor& x0, at::Tensor& confidence_out) {
+  ConfidentSelectParams p;
+  p.logits = logits.const_data_ptr();
+  p.logits_row_stride = logits.stride(0);
+  p.uniforms = temperature > 0 ? uniforms.const_data_ptr<float>() : nullptr;
+  p.num_rows = logits.size(0);
+  p.vocab = logits.size(1);
+  p.temperature = static_cast<float>(temperature);
+  p.top_p = top_p.value_or(1.0);
+  p.top_k = top_k.value_or(0);
+  p.kind = parse_confidence_kind(confidence);
+  p.use_original_confidence = use_original_confidence;
+  p.x0 = x0.mutable_data_ptr<int64_t>();
+  p.confidence = confidence_out.mutable_data_ptr<float>();
+  return p;
+}
+
 void check_confident_select_args(const at::Tensor& logits, const at::Tensor& row_ids, const at::Tensor& n,
                                  double temperature, std::optional<double> top_p, std::optional<int64_t> top_k,
                                  const std::optional<at::Tensor>& uniforms, std::string_view confidence,

@@ -34,6 +34,14 @@ struct ConfidentSelectParams {
 // Parses the confidence kind ("plain" | "margin" | "neg_entropy"); ValueError otherwise.
 ConfidenceKind parse_confidence_kind(std::string_view name);
 
+// The rows pass's parameters, filled the same way for every device: logits (N, vocab) with a contiguous
+// vocabulary, uniforms contiguous (read only when temperature > 0), x0 (N,) int64 and confidence (N,) float32
+// outputs. The arguments must already have passed check_confident_select_args.
+ConfidentSelectParams confident_select_params(const at::Tensor& logits, const at::Tensor& uniforms, double temperature,
+                                              std::optional<double> top_p, std::optional<int64_t> top_k,
+                                              std::string_view confidence, bool use_original_confidence,
+                                              at::Tensor& x0, at::Tensor& confidence_out);
+
 // Ranks, shapes, options and devices (ValueError), dtypes (TypeError), naming the argument. Does not read
 // tensor values (row_ids order, n >= 0, uniforms in [0, 1) need host memory: the CPU launcher checks them).
 void check_confident_select_args(const at::Tensor& logits, const at::Tensor& row_ids, const at::Tensor& n,

@@ -699,19 +699,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> confident_select_cpu(
   at::Tensor commit = at::empty({N}, logits.options().dtype(at::kBool));
   if (N == 0) return {x0, conf, commit};
 
-  ConfidentSelectParams p;
-  p.logits = logits.const_data_ptr();
-  p.logits_row_stride = logits.stride(0);
-  p.uniforms = temperature > 0 ? uniforms.const_data_ptr<float>() : nullptr;
-  p.num_rows = N;
-  p.vocab = V;
-  p.temperature = static_cast<float>(temperature);
-  p.top_p = top_p.value_or(1.0);
-  p.top_k = top_k.value_or(0);
-  p.kind = parse_confidence_kind(kind_name);
-  p.use_original_confidence = use_original_confidence;
-  p.x0 = x0.mutable_data_ptr<int64_t>();
-  p.confidence = conf.mutable_data_ptr<float>();
+  ConfidentSelectParams p = confident_select_params(logits, uniforms, temperature, top_p, top_k, kind_name,
+                                                    use_original_confidence, x0, conf);
   DIMPLE_RT_DISPATCH_FLOAT_TYPES(logits.scalar_type(), "confident_select_cpu",
                                  [&] { confident_select_rows<scalar_t>(p); });
 
