@@ -17,6 +17,7 @@ from torch import nn
 from dimple_rt.config import DimpleConfig
 
 from .backend import AttentionFn
+from .layers import Linear
 from .llm import AttentionInputs, Decoder
 from .rope import get_rope_index, rotary_cos_sin
 from .vision import VisionTower
@@ -30,9 +31,9 @@ class ImageProjector(nn.Module):
 
     def __init__(self, hidden_size: int) -> None:
         super().__init__()
-        self.linear_1 = nn.Linear(hidden_size, hidden_size, bias=True)
+        self.linear_1 = Linear(hidden_size, hidden_size, bias=True)
         self.act = nn.SiLU()
-        self.linear_2 = nn.Linear(hidden_size, hidden_size, bias=True)
+        self.linear_2 = Linear(hidden_size, hidden_size, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_2(self.act(self.linear_1(x)))
@@ -65,7 +66,7 @@ class DimpleModel(nn.Module):
             self.visual = VisionTower(config.vision_config)
             self.img_projector = ImageProjector(config.hidden_size)
         self.model = Decoder(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def encode_images(
         self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, attention: AttentionFn

@@ -3,8 +3,52 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
+
+# Output features per fp32 weight chunk of :func:`linear`'s widening path: at most this many bytes of widened
+# weight exist at once (a whole fp32 copy of Dimple-7B's LM head would be 2.2 GB).
+WIDEN_CHUNK_BYTES = 32 * 2**20
+
+
+@functools.cache
+def cpu_has_bf16_gemm() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX, as oneDNN sees it). Without it torch's
+    bf16 GEMM is 5-100x slower than its fp32 one (AVX2: 0.2-8 GFLOP/s against 35-80)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch build without oneDNN: assume the slow path is the only one
+        return False
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``, except for bf16 on a CPU without bf16 GEMM: there the weight is widened to fp32 in chunks
+    of output features and multiplied in fp32, and the result rounded to bf16 once.
+
+    Same math as a bf16 GEMM (bf16 inputs, fp32 accumulation, one rounding of the output), about 4x faster
+    on AVX2; only the summation order differs. Autograd flows through the widening to the bf16 weight.
+    """
+    if (
+        x.dtype != torch.bfloat16
+        or weight.dtype != torch.bfloat16
+        or weight.device.type != "cpu"
+        or cpu_has_bf16_gemm()
+    ):
+        return nn.functional.linear(x, weight, bias)
+    x32 = x.float()
+    weights = weight.split(max(1, WIDEN_CHUNK_BYTES // (4 * weight.shape[1])))
+    biases = [None] * len(weights) if bias is None else bias.split(weights[0].shape[0])
+    chunks = [nn.functional.linear(x32, w.float(), b if b is None else b.float()) for w, b in zip(weights, biases)]
+    return torch.cat(chunks, dim=-1).to(x.dtype)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters, same checkpoint names) computed by :func:`linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -38,9 +82,9 @@ class GatedMLP(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.gate_proj = Linear(hidden_size, intermediate_size, bias=bias)
+        self.up_proj = Linear(hidden_size, intermediate_size, bias=bias)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))

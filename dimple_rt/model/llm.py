@@ -19,7 +19,7 @@ from torch import nn
 from dimple_rt.config import DimpleConfig
 
 from .backend import AttentionFn
-from .layers import GatedMLP, RMSNorm
+from .layers import GatedMLP, Linear, RMSNorm
 from .rope import apply_rotary
 
 if TYPE_CHECKING:
@@ -53,10 +53,10 @@ class DecoderAttention(nn.Module):
         self.head_dim = config.head_dim
         hidden = config.hidden_size
         kv_width = self.num_kv_heads * self.head_dim
-        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=config.attention_bias)
-        self.k_proj = nn.Linear(hidden, kv_width, bias=config.attention_bias)
-        self.v_proj = nn.Linear(hidden, kv_width, bias=config.attention_bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
+        self.q_proj = Linear(hidden, self.num_heads * self.head_dim, bias=config.attention_bias)
+        self.k_proj = Linear(hidden, kv_width, bias=config.attention_bias)
+        self.v_proj = Linear(hidden, kv_width, bias=config.attention_bias)
+        self.o_proj = Linear(self.num_heads * self.head_dim, hidden, bias=False)
 
     def forward(self, x: torch.Tensor, ctx: AttentionInputs, layer_index: int) -> torch.Tensor:
         """x: (batch, len, hidden) → (batch, len, hidden). ``layer_index`` picks this layer's cache buffers."""

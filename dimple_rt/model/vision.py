@@ -18,7 +18,7 @@ from torch import nn
 from dimple_rt import reference
 from dimple_rt.config import VisionConfig
 from dimple_rt.model.backend import AttentionFn
-from dimple_rt.model.layers import GatedMLP, RMSNorm, rotate_half
+from dimple_rt.model.layers import GatedMLP, Linear, RMSNorm, linear, rotate_half
 
 ROPE_THETA = 10000.0
 """Base of the vision rotary frequencies (Qwen2.5-VL's; not in the config)."""
@@ -139,7 +139,7 @@ class PatchEmbed(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values: (N_patch, patch_dim), flattened in (C, T, ph, pw) order → (N_patch, hidden)."""
         weight = self.proj.weight.flatten(1)  # (hidden, C·T·ph·pw)
-        return nn.functional.linear(pixel_values.to(weight.dtype), weight)
+        return linear(pixel_values.to(weight.dtype), weight)
 
 
 class VisionAttention(nn.Module):
@@ -149,8 +149,8 @@ class VisionAttention(nn.Module):
         super().__init__()
         self.num_heads = config.num_heads
         self.head_dim = config.head_dim
-        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=True)
-        self.proj = nn.Linear(config.hidden_size, config.hidden_size, bias=True)
+        self.qkv = Linear(config.hidden_size, 3 * config.hidden_size, bias=True)
+        self.proj = Linear(config.hidden_size, config.hidden_size, bias=True)
 
     def forward(
         self,
@@ -203,9 +203,9 @@ class PatchMerger(nn.Module):
         self.merged_dim = config.hidden_size * config.spatial_merge_size**2
         self.ln_q = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = nn.Sequential(
-            nn.Linear(self.merged_dim, self.merged_dim),
+            Linear(self.merged_dim, self.merged_dim),
             nn.GELU(),
-            nn.Linear(self.merged_dim, config.out_hidden_size),
+            Linear(self.merged_dim, config.out_hidden_size),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
