@@ -22,10 +22,20 @@ SHAPES = {
     "vision_windows_fp32": (1, 1024, 0, 16, 16, 80, 64, torch.float32),  # 448x448 image, 8x8-patch windows
 }
 IMPLS = ["kernel", "authors_sdpa", "reference"]
+# Issue 4's decode grid (Dimple-7B heads): canvas 64/128/256 (+1: the last prompt token) over a cached prefix of
+# 256/1024/2048 tokens, batch 1 and 4, fp32 and bf16, against the authors' path and the best single torch call.
+GRID = {
+    f"decode_b{batch}_c{canvas}_p{prefix}_{dtype_name}": (batch, canvas + 1, prefix, 28, 4, 128, 0, dtype)
+    for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))
+    for batch in (1, 4)
+    for canvas in (64, 128, 256)
+    for prefix in (256, 1024, 2048)
+}
+GRID_IMPLS = ["kernel", "authors_sdpa", "sdpa_gqa"]
 
 
 def _inputs(name: str) -> dict:
-    batch, q_len, prefix_len, heads, kv_heads, head_dim, window, dtype = SHAPES[name]
+    batch, q_len, prefix_len, heads, kv_heads, head_dim, window, dtype = {**SHAPES, **GRID}[name]
     g = torch.Generator().manual_seed(0)
 
     def randn(*shape: int) -> torch.Tensor:
@@ -67,6 +77,15 @@ def _authors_path(args: dict) -> tuple:
     return run
 
 
+def _sdpa_gqa(args: dict) -> tuple:
+    """The best single torch call: SDPA with ``enable_gqa`` over K/V that are already concatenated (the cat is
+    not timed) and every key visible (no mask), on (batch, heads, len, dim) views of our layout."""
+    qh = args["q"].transpose(1, 2)
+    kh = torch.cat([args["prefix_k"], args["k"]], dim=1).transpose(1, 2)
+    vh = torch.cat([args["prefix_v"], args["v"]], dim=1).transpose(1, 2)
+    return lambda: F.scaled_dot_product_attention(qh, kh, vh, enable_gqa=True).transpose(1, 2)
+
+
 def _cost(args: dict) -> tuple[int, int]:
     """(bytes read + written, FLOPs) of one call: QK and PV over the visible keys."""
     q = args["q"]
@@ -81,6 +100,15 @@ def _cost(args: dict) -> tuple[int, int]:
     return bytes_moved, 4 * batch * heads * pairs * head_dim
 
 
+def _check_then_time(fn, args: dict, shape: str, timed, rounds: int) -> None:
+    """Assert ``fn`` against the fp32 reference, then time it."""
+    exact = reference.masked_attention(**{n: t.float() if t.is_floating_point() else t for n, t in args.items()})
+    tol = 1e-4 if args["q"].dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(fn().float(), exact, atol=tol, rtol=tol)
+    bytes_moved, flops = _cost(args)
+    timed(fn, group=f"masked_attention {shape}", bytes_moved=bytes_moved, flops=flops, rounds=rounds)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_masked_attention(shape: str, impl: str, timed) -> None:
@@ -90,14 +118,13 @@ def test_masked_attention(shape: str, impl: str, timed) -> None:
         "authors_sdpa": _authors_path(args),
         "reference": lambda: reference.masked_attention(**args),
     }[impl]
-    exact = reference.masked_attention(**{n: t.float() if t.is_floating_point() else t for n, t in args.items()})
-    tol = 1e-4 if args["q"].dtype == torch.float32 else 3e-2
-    torch.testing.assert_close(fn().float(), exact, atol=tol, rtol=tol)  # correctness before timing
-    bytes_moved, flops = _cost(args)
-    timed(
-        fn,
-        group=f"masked_attention {shape}",
-        bytes_moved=bytes_moved,
-        flops=flops,
-        rounds=3 if impl == "reference" else 5,
-    )
+    _check_then_time(fn, args, shape, timed, rounds=3 if impl == "reference" else 5)
+
+
+@pytest.mark.parametrize("impl", GRID_IMPLS)
+@pytest.mark.parametrize("shape", list(GRID))
+def test_masked_attention_decode_grid(shape: str, impl: str, timed) -> None:
+    args = _inputs(shape)
+    implementations = {"kernel": lambda: masked_attention(**args), "authors_sdpa": _authors_path(args)}
+    implementations["sdpa_gqa"] = _sdpa_gqa(args)
+    _check_then_time(implementations[impl], args, shape, timed, rounds=5)
