@@ -76,6 +76,18 @@ inline void load_row(const T* src, int64_t stride, int64_t n, float* dst) {
   for (; i < n; ++i) dst[i] = static_cast<float>(src[i * stride]);
 }
 
+// kt[d * kKeyTile + j] = rows[j * ld + d] for j < n_keys, d < head_dim: the K tile transposed, in kVec × kVec
+// register blocks (at::vec's shuffle transpose), the ragged edges element by element.
+inline void transpose_keys(const float* rows, int64_t ld, int64_t n_keys, int64_t head_dim, float* kt) {
+  constexpr int kB = static_cast<int>(kVec);
+  const int64_t keys_b = n_keys / kB * kB, dims_b = head_dim / kB * kB;
+  for (int64_t j = 0; j < keys_b; j += kB)
+    for (int64_t d = 0; d < dims_b; d += kB)
+      at::vec::transpose_mxn<float, kB, kB>(rows + j * ld + d, ld, kt + d * kKeyTile + j, kKeyTile);
+  for (int64_t j = 0; j < n_keys; ++j)
+    for (int64_t d = j < keys_b ? dims_b : 0; d < head_dim; ++d) kt[d * kKeyTile + j] = rows[j * ld + d];
+}
+
 inline float hsum(const Vec& x) {
   return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, x);
 }
@@ -180,7 +192,8 @@ void masked_attention_kernel(const MaskedAttentionParams& p) {
   at::parallel_for(0, items_for(tq), 1, [&](int64_t begin, int64_t end) {
     // Zero-initialised once: the padding columns of q/v (head_dim..Dp) are never written and stay zero.
     std::vector<float> qbuf(max_rows * Dp), obuf(max_rows * Dp), sbuf(max_rows * kKeyTile);
-    std::vector<float> ktbuf(std::max<int64_t>(D, 1) * kKeyTile), vbuf(kKeyTile * Dp), kbias(kKeyTile);
+    std::vector<float> ktbuf(std::max<int64_t>(D, 1) * kKeyTile), kbuf(kKeyTile * Dp), vbuf(kKeyTile * Dp);
+    std::vector<float> kbias(kKeyTile);
     std::vector<float> row_max(max_rows), row_sum(max_rows);
     std::vector<RowRange> ranges(tq);
 
@@ -222,13 +235,18 @@ void masked_attention_kernel(const MaskedAttentionParams& p) {
                             : v + b * p.v_stride.batch + (j - P) * p.v_stride.seq + hk * p.v_stride.head;
           const int64_t kd = j < P ? p.prefix_k_stride.dim : p.k_stride.dim;
           const int64_t vd = j < P ? p.prefix_v_stride.dim : p.v_stride.dim;
-          for (int64_t d = 0; d < D; ++d) ktbuf[d * kKeyTile + jj] = static_cast<float>(ks[d * kd]);
+          load_row(ks, kd, D, kbuf.data() + jj * Dp);
           load_row(vs, vd, D, vbuf.data() + jj * Dp);
         }
+        transpose_keys(kbuf.data(), Dp, nk, D, ktbuf.data());
+        bool tile_has_padding = false;  // any key of this tile masked out: only then do rows add kbias
         if (p.key_mask != nullptr) {
           const bool* mask = p.key_mask + b * p.key_mask_batch_stride;
-          for (int64_t jj = 0; jj < nk_v; ++jj)
-            kbias[jj] = jj < nk && mask[(j0 + jj) * p.key_mask_seq_stride] ? 0.0f : kNegInf;
+          for (int64_t jj = 0; jj < nk_v; ++jj) {
+            const bool valid = jj < nk && mask[(j0 + jj) * p.key_mask_seq_stride];
+            kbias[jj] = valid ? 0.0f : kNegInf;
+            tile_has_padding |= jj < nk && !valid;
+          }
         }
 
         // S = Q·Kᵀ over the column blocks that hold real keys.
@@ -252,7 +270,7 @@ void masked_attention_kernel(const MaskedAttentionParams& p) {
           Vec vmax(kNegInf);
           for (int64_t jj = 0; jj < nk_v; jj += kVec) {
             Vec x = Vec::loadu(s + jj);
-            if (range.apply_key_mask) {
+            if (range.apply_key_mask && tile_has_padding) {
               x = x + Vec::loadu(kbias.data() + jj);
               x.store(s + jj);
             }
