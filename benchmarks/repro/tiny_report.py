@@ -57,6 +57,39 @@ def run_one(rt: Runtime, example: tasks.Example, **options: Any) -> dict[str, An
     }
 
 
+def run_causal(rt: Runtime, example: tasks.Example, max_new: int = CANVAS) -> dict[str, Any]:
+    """Greedy left-to-right decoding with causal attention: how the AR-phase checkpoint itself answers (it was
+    trained causally, so the diffusion loop is not its decoder). One full forward per token, no cache: this
+    is a measurement of what the AR phase learnt, not of speed."""
+    model = rt.model
+    inputs = rt.prepare(tasks.conversation(example))
+    features = None
+    if inputs.pixel_values is not None:
+        features = model.encode_images(inputs.pixel_values, inputs.image_grid_thw, rt.attention)
+    stop = {rt.config.pad_token_id, rt.tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    ids, out = inputs.input_ids, []
+    with torch.no_grad():
+        for _ in range(max_new):
+            logits = model(
+                ids,
+                rt.attention,
+                attention_mask=torch.ones_like(ids),
+                image_features=features,
+                image_grid_thw=inputs.image_grid_thw,
+                causal=True,
+                logits_rows=torch.arange(ids.shape[1]).eq(ids.shape[1] - 1)[None],
+            ).logits
+            token = int(logits[0, -1].argmax())
+            if token in stop:
+                break
+            out.append(token)
+            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    text = rt.tokenizer.decode(out)
+    return {"seed": example.seed, "task": example.task, "text": text, "correct": tasks.is_correct(example, text),
+            "passes": len(out) + 1, "length": len(out), "ref_length": len(rt.tokenizer.encode(example.answer)),
+            "seconds": 0.0}  # fmt: skip
+
+
 def run_many(rt: Runtime, items: list[tasks.Example], label: str, **options: Any) -> list[dict[str, Any]]:
     rows = []
     start = time.perf_counter()
@@ -226,10 +259,21 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
             f"| {label} | {_pct(s['accuracy'])} | {s['mean_passes']:.2f} | {s['mean_length']:.1f} | "
             f"{s['mean_seconds']:.3f} |"
         )
-    lines += ["", "| task | n | accuracy (0.95) | accuracy (one per step) |", "|---|---|---|---|"]
+    ar = results.get("ar_causal")
+    if ar:
+        lines.append(
+            f"| AR-phase checkpoint, causal greedy decoding (before diffusion) | {_pct(ar['accuracy'])} | "
+            f"{ar['mean_passes']:.2f} | {ar['mean_length']:.1f} | - |"
+        )
+    lines += [
+        "",
+        "| task | n | accuracy (0.95) | accuracy (one per step) | AR phase, causal |",
+        "|---|---|---|---|---|",
+    ]
     for task, acc in main["confident"]["accuracy_by_task"].items():
         other = main["one_per_step"]["accuracy_by_task"].get(task, float("nan"))
-        lines.append(f"| {task} | {main['confident']['n_by_task'][task]} | {_pct(acc)} | {_pct(other)} |")
+        causal = _pct(ar["accuracy_by_task"].get(task, float("nan"))) if ar else "-"
+        lines.append(f"| {task} | {main['confident']['n_by_task'][task]} | {_pct(acc)} | {_pct(other)} | {causal} |")
     ratio = results["passes_over_length"]
     per_canvas = main["confident"]["mean_passes"] / CANVAS
     lines += [
@@ -311,7 +355,7 @@ def length_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return s
 
 
-PARTS = ("main", "prefill", "long", "baseline", "priors")
+PARTS = ("main", "ar", "prefill", "long", "baseline", "priors")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -321,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--ar-arm", help="AR → diffusion checkpoint trained for the baseline's budget (length-bias comparison)"
     )
+    parser.add_argument("--instruct", help="the AR-phase (instruct) checkpoint, decoded causally (part 'ar')")
     parser.add_argument("--n", type=int, default=300, help="test examples for accuracy and forward passes")
     parser.add_argument("--n-small", type=int, default=100, help="examples for the other experiments")
     parser.add_argument("--out", default=str(HERE))
@@ -334,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     parts = set(args.parts.split(","))
     if parts - set(PARTS):
         parser.error(f"unknown parts {sorted(parts - set(PARTS))}")
+    if "ar" in parts and not args.instruct:
+        parser.error("the ar part needs --instruct CHECKPOINT")
     if "baseline" in parts and not args.baseline:
         parser.error("the baseline part needs --baseline CHECKPOINT")
     if args.threads:
@@ -361,6 +408,12 @@ def main(argv: list[str] | None = None) -> int:
         results["passes_over_length"] = statistics.fmean(r["passes"] for r in confident) / max(
             1e-9, statistics.fmean(r["length"] for r in confident)
         )
+
+    if "ar" in parts:
+        timed("AR phase, causal decoding")
+        instruct = Runtime(args.instruct)
+        rows["ar_causal"] = [run_causal(instruct, example) for example in test]
+        results["ar_causal"] = summary(rows["ar_causal"])
 
     if "prefill" in parts:
         timed("prefill off")
