@@ -48,7 +48,7 @@ SIZES = TinySizes(
     min_pixels=56 * 56,
     max_pixels=tasks.IMAGE_SIZE * tasks.IMAGE_SIZE,
 )
-SPLIT_SIZES = {"train": 20000, "validation": 300, "test": 600}
+SPLIT_SIZES = {"train": 50000, "validation": 300, "test": 600}
 VOCAB_SIZE = 1024
 
 
