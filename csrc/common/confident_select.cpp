@@ -47,6 +47,8 @@ void check_confident_select_args(const at::Tensor& logits, const at::Tensor& row
   const int64_t num_rows = logits.size(0);
   TORCH_CHECK_VALUE(logits.size(1) >= 1, "confident_select: logits must have a vocabulary of at least 1, got ",
                     shape_str(logits.sizes()));
+  TORCH_CHECK_VALUE(logits.size(1) < (int64_t{1} << 24),
+                    "confident_select: vocabulary sizes up to 2^24 are supported, got ", logits.size(1));
   TORCH_CHECK_VALUE(row_ids.dim() == 1 && row_ids.size(0) == num_rows,
                     "confident_select: row_ids must be (N=", num_rows, ",), got ", shape_str(row_ids.sizes()));
   TORCH_CHECK_TYPE(row_ids.scalar_type() == at::kLong, "confident_select: row_ids must be int64, got ",
@@ -78,6 +80,17 @@ void check_confident_select_args(const at::Tensor& logits, const at::Tensor& row
                     ", logits on ", logits.device());
   TORCH_CHECK_VALUE(n.device() == logits.device(), "confident_select: n is on ", n.device(), ", logits on ",
                     logits.device());
+}
+
+ConfidentSelectInputs confident_select_inputs(const at::Tensor& logits, const at::Tensor& row_ids, const at::Tensor& n,
+                                              double temperature, const std::optional<at::Tensor>& uniforms) {
+  const int64_t vocab = logits.size(1);
+  ConfidentSelectInputs in;
+  in.logits = logits.stride(1) == 1 || vocab == 1 ? logits : logits.contiguous();
+  in.row_ids = row_ids.contiguous();
+  in.n = n.contiguous();
+  if (temperature > 0) in.uniforms = uniforms->contiguous();
+  return in;
 }
 
 }  // namespace dimple_rt

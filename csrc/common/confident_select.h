@@ -42,7 +42,15 @@ ConfidentSelectParams confident_select_params(const at::Tensor& logits, const at
                                               std::string_view confidence, bool use_original_confidence,
                                               at::Tensor& x0, at::Tensor& confidence_out);
 
-// Ranks, shapes, options and devices (ValueError), dtypes (TypeError), naming the argument. Does not read
+// The inputs in the layout every kernel reads: the vocabulary contiguous (rows may keep any stride), row_ids
+// and n contiguous, uniforms contiguous when temperature > 0 (else undefined). After the checks below.
+struct ConfidentSelectInputs {
+  at::Tensor logits, row_ids, n, uniforms;
+};
+ConfidentSelectInputs confident_select_inputs(const at::Tensor& logits, const at::Tensor& row_ids, const at::Tensor& n,
+                                              double temperature, const std::optional<at::Tensor>& uniforms);
+
+// Ranks, shapes, sizes, options and devices (ValueError), dtypes (TypeError), naming the argument. Does not read
 // tensor values (row_ids order, n >= 0, uniforms in [0, 1) need host memory: the CPU launcher checks them).
 void check_confident_select_args(const at::Tensor& logits, const at::Tensor& row_ids, const at::Tensor& n,
                                  double temperature, std::optional<double> top_p, std::optional<int64_t> top_k,

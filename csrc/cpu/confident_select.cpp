@@ -666,12 +666,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> confident_select_cpu(
                               batch_coupled);
   TORCH_CHECK_VALUE(logits_in.device().is_cpu(), "confident_select_cpu: logits must be on the CPU, got ",
                     logits_in.device());
-  const int64_t N = logits_in.size(0), V = logits_in.size(1);
-  TORCH_CHECK_VALUE(V < (int64_t{1} << 24), "confident_select: vocabulary sizes up to 2^24 are supported, got ", V);
-  // The vocabulary must be contiguous; rows may have any stride.
-  const at::Tensor logits = logits_in.stride(1) == 1 || V == 1 ? logits_in : logits_in.contiguous();
-  const at::Tensor row_ids = row_ids_in.contiguous();
-  const at::Tensor n = n_in.contiguous();
+  const int64_t N = logits_in.size(0);
+  const ConfidentSelectInputs in = confident_select_inputs(logits_in, row_ids_in, n_in, temperature, uniforms_in);
+  const at::Tensor &logits = in.logits, &row_ids = in.row_ids, &n = in.n, &uniforms = in.uniforms;
   const int64_t* rid = row_ids.const_data_ptr<int64_t>();
   const int64_t* nv = n.const_data_ptr<int64_t>();
   const int64_t groups = n.size(0);
@@ -684,9 +681,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> confident_select_cpu(
     TORCH_CHECK_VALUE(batch_coupled || rid[i] < groups, "confident_select: row_ids[", i, "] = ", rid[i],
                       " has no entry in n (", groups, " groups)");
   }
-  at::Tensor uniforms;
   if (temperature > 0) {
-    uniforms = uniforms_in->contiguous();
     const float* u = uniforms.const_data_ptr<float>();
     for (int64_t i = 0; i < N; ++i) {
       TORCH_CHECK_VALUE(u[i] >= 0.0f && u[i] < 1.0f, "confident_select: uniforms must be in [0, 1), got uniforms[", i,

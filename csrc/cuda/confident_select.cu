@@ -29,15 +29,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> confident_select_cuda(
                               batch_coupled);
   TORCH_CHECK_VALUE(logits_in.is_cuda(), "confident_select_cuda: logits must be on a CUDA device, got ",
                     logits_in.device());
-  const int64_t N = logits_in.size(0), V = logits_in.size(1);
-  TORCH_CHECK_VALUE(V < (int64_t{1} << 24), "confident_select: vocabulary sizes up to 2^24 are supported, got ", V);
+  const int64_t N = logits_in.size(0);
   const c10::cuda::CUDAGuard guard(logits_in.device());
-  // The vocabulary must be contiguous; rows may have any stride.
-  const at::Tensor logits = logits_in.stride(1) == 1 || V == 1 ? logits_in : logits_in.contiguous();
-  const at::Tensor row_ids = row_ids_in.contiguous();
-  const at::Tensor n = n_in.contiguous();
-  at::Tensor uniforms;
-  if (temperature > 0) uniforms = uniforms_in->contiguous();
+  const ConfidentSelectInputs in = confident_select_inputs(logits_in, row_ids_in, n_in, temperature, uniforms_in);
+  const at::Tensor &logits = in.logits, &row_ids = in.row_ids, &n = in.n, &uniforms = in.uniforms;
 
   at::Tensor x0 = at::empty({N}, logits.options().dtype(at::kLong));
   at::Tensor conf = at::empty({N}, logits.options().dtype(at::kFloat));

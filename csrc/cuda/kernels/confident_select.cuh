@@ -316,12 +316,15 @@ __global__ void __launch_bounds__(kThreads) confident_select_rows_kernel(const C
       const float d = mt - zt;  // >= 0, +inf for -inf logits
       return d < 32.0f ? min(static_cast<int>(d * kDistBinsPerNat), kDistBins - 2) : kDistBins - 1;
     };
+    auto clear_bins = [&] {  // zero the finder's mass and count bins, then sync
+      for (int b = tid; b < kFinderBins; b += blockDim.x) {
+        sh.mass[b] = 0.0;
+        sh.counts[b] = 0;
+      }
+      __syncthreads();
+    };
     // Level 1: mass per distance bin. Bin index b counts from the top, so the finder sees it reversed.
-    for (int b = tid; b < kFinderBins; b += blockDim.x) {
-      sh.mass[b] = 0.0;
-      sh.counts[b] = 0;
-    }
-    __syncthreads();
+    clear_bins();
     for_each_entry(row, V, [&](int64_t, float z) {
       const float zt = tempered(z);
       const int b = dist_bin(zt);
@@ -346,11 +349,7 @@ __global__ void __launch_bounds__(kThreads) confident_select_rows_kernel(const C
       unsigned level_count = 0;
       for (int shift = 24; shift >= 0; shift -= 8) {
         __syncthreads();
-        for (int b = tid; b < kFinderBins; b += blockDim.x) {
-          sh.mass[b] = 0.0;
-          sh.counts[b] = 0;
-        }
-        __syncthreads();
+        clear_bins();
         for_each_entry(row, V, [&](int64_t, float z) {
           const float zt = tempered(z);
           const uint32_t key = order_key(zt);
