@@ -455,3 +455,10 @@ else:
                 confident_select(**args)
             return
         _assert_same(confident_select(**args), want, tol(torch.float32))
+
+
+def test_vocabulary_over_2_pow_24_is_rejected() -> None:
+    """The CPU kernel keeps token ids as floats in its vector lanes (exact below 2^24): larger must fail by name."""
+    logits = torch.zeros(1, 2**24, dtype=torch.bfloat16)  # 32 MB
+    with pytest.raises(ValueError, match="vocabulary sizes up to 2\\^24"):
+        confident_select(logits, torch.zeros(1, dtype=torch.long), torch.tensor([1]))
