@@ -23,6 +23,7 @@ from dimple_rt.training.data import (
     SampleBuilder,
     collate,
     dynamic_padding_upper,
+    padded_answer_length,
     read_records,
 )
 from dimple_rt.training.synthetic import draw_shape
@@ -149,6 +150,16 @@ def test_fixed_padding_pads_or_truncates(tmp_path: Path, tokenizer: DimpleTokeni
         )
         expected = (ids + [tokenizer.pad_token_id] * length)[:length]
         assert sample.input_ids[-length:] == expected and sum(sample.mask_locations) == length
+
+
+def test_uniform_padding_reaches_answer_length_for_short_answers() -> None:
+    rng = random.Random(3)
+    # A 2-token answer: dynamic stops at 4 tokens, uniform goes up to answer_length, covering every length.
+    assert {padded_answer_length(2, "uniform", rng, 40) for _ in range(2000)} == set(range(3, 41))
+    # An answer whose dynamic bound is already beyond answer_length keeps the dynamic range.
+    assert {padded_answer_length(40, "uniform", rng, 20) for _ in range(500)} == set(range(41, 49))
+    with pytest.raises(ValueError, match="dynamic, uniform, fixed; got 'random'"):
+        padded_answer_length(2, "random", rng, 40)
 
 
 def test_bad_records_are_reported_with_file_and_line(

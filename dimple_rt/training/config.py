@@ -44,6 +44,9 @@ def _number(name: str, value: object, low: float, high: float = float("inf"), op
         raise TrainConfigError(f"{name} must be a number in {bound}{low}, {high}], got {value!r}")
 
 
+PADDING_STRATEGIES = ("dynamic", "uniform", "fixed")
+
+
 @dataclass
 class TrainConfig:
     """Everything one training run needs; ``python -m dimple_rt.training.synthetic DIR`` writes a tiny example."""
@@ -60,9 +63,10 @@ class TrainConfig:
     max_seq_length: int = 1024
     """Samples longer than this are bad records (never sliced)."""
     answer_padding: str = "dynamic"
-    """``dynamic``: a random number of <|endoftext|> pads per answer; ``fixed``: pad/truncate to answer_length."""
+    """``dynamic``: a random number of <|endoftext|> pads per answer (the authors'); ``uniform``: the same, but
+    up to at least answer_length; ``fixed``: pad/truncate to answer_length."""
     answer_length: int = 64
-    """Answer length of the ``fixed`` padding strategy."""
+    """Answer length of ``fixed``; the least upper bound of ``uniform``."""
     system_prompt: str = "You are a helpful assistant."
     """System segment put before the first message."""
     on_bad_record: str = "skip"
@@ -130,7 +134,7 @@ class TrainConfig:
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise TrainConfigError(f"{name} must be a non-empty path, got {getattr(self, name)!r}")
         _choice("stage", self.stage, STAGES)
-        _choice("answer_padding", self.answer_padding, ("dynamic", "fixed"))
+        _choice("answer_padding", self.answer_padding, PADDING_STRATEGIES)
         _choice("on_bad_record", self.on_bad_record, ("skip", "error"))
         _choice("mask_strategy", self.mask_strategy, ("single", "dual"))
         _choice("loss_weighting", self.loss_weighting, ("none", "inverse_t"))

@@ -39,6 +39,7 @@ from dimple_rt.config import DimpleConfig
 from dimple_rt.model.rope import get_rope_index
 from dimple_rt.processor import ImageProcessor, num_image_tokens, regularize_image
 from dimple_rt.tokenizer import IMAGE_PAD_TOKEN, VISION_END_TOKEN, VISION_START_TOKEN, DimpleTokenizer
+from dimple_rt.training.config import PADDING_STRATEGIES
 
 logger = logging.getLogger(__name__)
 
@@ -65,12 +66,19 @@ def dynamic_padding_upper(n: int) -> int:
 
 
 def padded_answer_length(n: int, strategy: str, rng: random.Random, answer_length: int) -> int:
-    """Length of an n-token answer after padding (``fixed`` may be shorter than n: it truncates)."""
+    """Length of an n-token answer after padding (``fixed`` may be shorter than n: it truncates).
+
+    ``uniform`` is ours, not the authors': like ``dynamic`` but the upper bound is at least ``answer_length``,
+    so a 2-token answer also meets runs of dozens of pads, as it does on a long inference canvas (``dynamic``
+    never shows it more than 2).
+    """
     if strategy == "dynamic":
         return rng.randint(n + 1, dynamic_padding_upper(n))  # inclusive: always at least one pad
+    if strategy == "uniform":
+        return rng.randint(n + 1, max(dynamic_padding_upper(n), answer_length))
     if strategy == "fixed":
         return answer_length
-    raise ValueError(f"answer padding strategy must be 'dynamic' or 'fixed', got {strategy!r}")
+    raise ValueError(f"answer padding strategy must be one of {', '.join(PADDING_STRATEGIES)}; got {strategy!r}")
 
 
 @dataclass
