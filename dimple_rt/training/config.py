@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 STAGES = ("align", "instruct", "diffusion")
+PADDING_STRATEGIES = ("dynamic", "uniform", "fixed")
 STAGE_LEARNING_RATE = {"align": 1e-3, "instruct": 2e-5, "diffusion": 5e-6}
 STAGE_MAX_GRAD_NORM = {"align": 1.0, "instruct": 1.0, "diffusion": 0.01}
 
@@ -42,9 +43,6 @@ def _number(name: str, value: object, low: float, high: float = float("inf"), op
     if not ok:
         bound = "(" if open_low else "["
         raise TrainConfigError(f"{name} must be a number in {bound}{low}, {high}], got {value!r}")
-
-
-PADDING_STRATEGIES = ("dynamic", "uniform", "fixed")
 
 
 @dataclass
