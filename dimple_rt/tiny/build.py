@@ -8,9 +8,10 @@ baseline, and the shipped copy under ``dimple_rt/assets/dimple-tiny``.
 The recipe is Dimple's (spec §6.6) at small scale: the ViT is random and frozen (there is no pre-trained one to
 start from), ``instruct`` trains projector + decoder autoregressively, ``diffusion`` continues the same weights
 with the masked-diffusion loss. The baseline runs ``diffusion`` from the initial model for as many samples as
-``instruct`` + ``diffusion``; ``diffusion_more`` then continues the diffusion phase (fresh warmup and decay) to
-give the shipped model. The stage configs are the JSON files next to this module; this script only fills in
-the paths. Each stage resumes from its newest checkpoint, so an interrupted build continues where it stopped.
+``instruct`` + ``diffusion``; ``diffusion_more`` then continues the diffusion phase (fresh warmup and decay), and
+``diffusion_canvas`` ends it with answers padded up to the 48-token canvas of the report (``uniform`` padding):
+the shipped model. The stage configs are the JSON files next to this module; this script only fills in the
+paths. Each stage resumes from its newest checkpoint, so an interrupted build continues where it stopped.
 """
 
 from __future__ import annotations
@@ -90,6 +91,11 @@ def prepare(work: Path, seed: int = 0) -> Path:
         vocab_size = max(max(vocab.values()), max(ids.values())) + 1
         config = tiny_config(ids, vocab_size, SIZES)
         config.max_position_embeddings = 1024
+        # At head_dim 32 with M-RoPE sections [4, 6, 6], Dream's theta 1e6 turns the w section by at most 1.8e-4
+        # rad per grid step: under bidirectional attention the 3x3 cells are then nearly indistinguishable by
+        # position (Qwen2-VL's trained ViT adds position to its features; our frozen random one does not).
+        # theta 10 turns it by 0.12-0.24 rad (benchmarks/REPRODUCTION.md has the comparison).
+        config.rope_theta = 10.0
         _write_json_atomic(init / "config.json", config.to_dict())
         ImageProcessor(min_pixels=SIZES.min_pixels, max_pixels=SIZES.max_pixels).save(init)
         state = init_state_dict(config, seed)
@@ -183,7 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         diffusion = train_stage("diffusion.json", ar, train_file, work / "diffusion")
         # A second diffusion stage (a fresh warmup and decay) from the first's end: the shipped model. The first
         # stage's end (instruct + diffusion = the baseline's budget) is the length-bias comparison's AR arm.
-        final = train_stage("diffusion_more.json", diffusion, train_file, work / "diffusion-more")
+        more = train_stage("diffusion_more.json", diffusion, train_file, work / "diffusion-more")
+        # Dynamic padding shows a 2-token answer at most 2 pads; on a 48-token canvas it then does not end.
+        final = train_stage("diffusion_canvas.json", more, train_file, work / "diffusion-canvas")
         if not args.no_ship:
             print(f"shipped {ship(final)}")
     if args.part in ("all", "baseline"):
