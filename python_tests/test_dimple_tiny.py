@@ -90,3 +90,17 @@ def test_scoring_uses_exact_match_and_description_content() -> None:
     assert tasks.is_correct(example, reordered)
     assert not tasks.is_correct(example, reordered.replace("top right", "top"))
     assert not tasks.is_correct(example, reordered.replace("two", "three"))
+
+
+def test_recipe_stage_configs_are_valid_train_configs() -> None:
+    from dimple_rt.tiny.build import HERE
+    from dimple_rt.training.config import TrainConfig
+
+    stages = {path.stem: json.loads(path.read_text()) for path in HERE.glob("*.json")}
+    assert set(stages) == {"instruct", "diffusion", "diffusion_more", "diffusion_canvas", "baseline"}
+    for data in stages.values():
+        TrainConfig.from_dict({**data, "init_model": "init", "train_file": "train.jsonl"})
+    # The last stage pads short answers up to the report's 48-token canvas (benchmarks/REPRODUCTION.md).
+    assert (
+        stages["diffusion_canvas"]["answer_padding"] == "uniform" and stages["diffusion_canvas"]["answer_length"] == 48
+    )

@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """Small-scale reproduction of the Dimple paper's claims with dimple-tiny (see benchmarks/REPRODUCTION.md).
 
-    PYTHONPATH=. python benchmarks/repro/tiny_report.py --baseline runs/dimple-tiny/baseline/checkpoint-1300
+    PYTHONPATH=. python benchmarks/repro/tiny_report.py --baseline runs/dimple-tiny/baseline/checkpoint-3200
 
 Runs every experiment on the test split (seeds 20,000,000+, never seen in training), writes
 ``benchmarks/repro/results.json`` (every number), ``benchmarks/repro/RESULTS.md`` (the tables) and the PNG plots
