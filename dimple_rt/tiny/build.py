@@ -187,10 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.part in ("all", "main"):
         ar = train_stage("instruct.json", init, train_file, work / "instruct")
         diffusion = train_stage("diffusion.json", ar, train_file, work / "diffusion")
-        # A second diffusion stage (a fresh warmup and decay) from the first's end: the shipped model. The first
-        # stage's end (instruct + diffusion = the baseline's budget) is the length-bias comparison's AR arm.
+        # A second diffusion stage (a fresh warmup and decay) from the first's end. The first stage's end
+        # (instruct + diffusion = the baseline's budget) is the length-bias comparison's AR arm.
         more = train_stage("diffusion_more.json", diffusion, train_file, work / "diffusion-more")
-        # Dynamic padding shows a 2-token answer at most 2 pads; on a 48-token canvas it then does not end.
+        # The shipped model: dynamic padding shows a 2-token answer at most 2 pads, and on a 48-token canvas it
+        # then does not end; this last stage pads answers up to 48 tokens.
         final = train_stage("diffusion_canvas.json", more, train_file, work / "diffusion-canvas")
         if not args.no_ship:
             print(f"shipped {ship(final)}")
