@@ -35,7 +35,9 @@ def _run_forward(model: str, prompt: str, image: object | None, backend: str) ->
 
     start = time.perf_counter()
     rt = Runtime(model, backend=backend)
-    print(f"loaded {rt.path} ({rt.config.model_type}, backend={rt.backend}) in {time.perf_counter() - start:.2f} s")
+    print(
+        f"loaded {rt.path} ({rt.config.model_type}, backend={rt.backend.name}) in {time.perf_counter() - start:.2f} s"
+    )
     inputs = rt.prepare(_conversation(prompt, image))
     start = time.perf_counter()
     logits = rt.forward(inputs.input_ids, inputs.attention_mask, inputs.pixel_values, inputs.image_grid_thw)

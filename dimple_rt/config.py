@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 SUPPORTED_MODEL_TYPES = ("dimple", "Dream")
 
@@ -271,7 +273,50 @@ class DimpleConfig:
 
 
 PIPELINES = ("dim", "dream")
-DECODING_ALGS = ("origin", "origin-ratio", "autoregressive", "maskgit_plus", "topk_margin", "entropy")
+
+ConfidenceKind = Literal["plain", "margin", "neg_entropy"]
+
+ALG_CONFIDENCE: dict[str, ConfidenceKind] = {
+    "origin": "plain",
+    "origin-ratio": "plain",
+    "autoregressive": "plain",
+    "maskgit_plus": "plain",
+    "topk_margin": "margin",
+    "entropy": "neg_entropy",
+}
+"""The decoding algs, each with the confidence it ranks by (spec §4.4, "Algorithm mapping")."""
+
+MAX_NEW_TOKENS = 8192
+"""Longest response canvas: 64x Dimple's usual answer, far past what one diffusion canvas decodes well."""
+MAX_STEPS = 8192
+"""Most denoising steps (one forward each) a request may ask for."""
+MIN_TEMPERATURE = 1e-3
+"""Smallest positive temperature: below it ``logits / temperature`` overflows 16-bit floats and sampling is
+greedy in all but name (pass 0 for greedy)."""
+MAX_TEMPERATURE = 100.0
+"""Largest temperature: beyond it every distribution is uniform to fp32 precision."""
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_int(name: str, value: object, low: int, high: int) -> None:
+    """ValueError unless ``value`` is an int (not a bool or a float) in ``[low, high]``; names the option."""
+    if not _is_int(value) or not low <= value <= high:  # type: ignore[operator]
+        raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+
+
+def check_real(name: str, value: object, low: float, high: float, *, low_open: bool = False) -> None:
+    """ValueError unless ``value`` is a finite number in ``[low, high]`` (``(low, high]`` with ``low_open``)."""
+    ok = _is_real(value) and math.isfinite(value) and (low < value if low_open else low <= value) and value <= high
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low}, {high}]"
+        raise ValueError(f"{name} must be a finite number in {interval}, got {value!r}")
 
 
 @dataclass
@@ -281,22 +326,28 @@ class GenerationConfig:
     Defaults differ from the authors' (steps 512, 20 new tokens, alg 'origin' without threshold) where theirs
     are never what anyone runs: 64 new tokens, one step per token, greedy, confident decoding (threshold 0.95)
     with maskgit_plus as the deterministic fallback, prefilling on, per-sequence decisions.
+
+    Every option is resolved here, once: after ``__post_init__`` ``steps`` is an int and ``threshold`` is
+    a float in (0, 1] or None (off), and every value lies in its documented range.
     """
 
     max_new_tokens: int = 64
-    """Length of the response canvas (masks appended after the prompt)."""
+    """Length of the response canvas (masks appended after the prompt), 1 to ``MAX_NEW_TOKENS``."""
     steps: int | None = None
-    """Denoising steps; None means one per new token (``max_new_tokens``)."""
+    """Denoising steps, 1 to ``MAX_STEPS``; None means one per new token (``max_new_tokens``)."""
     eps: float = 1e-3
-    """Last timestep of ``linspace(1, eps, steps + 1)``."""
+    """Last timestep of ``linspace(1, eps, steps + 1)``, in (0, 1)."""
     temperature: float = 0.0
-    """0 is greedy (lowest token id on ties); > 0 samples from the filtered distribution."""
+    """0 is greedy (lowest token id on ties); in [MIN_TEMPERATURE, MAX_TEMPERATURE] it samples from the
+    filtered distribution."""
     top_p: float | None = None
     """Nucleus filter in (0, 1]; None or 1 disables it (a tiny value such as 0.01 keeps only the argmax)."""
     top_k: int | None = None
     """Keep the k most likely tokens (ties at the k-th value kept); None disables it."""
     alg: str = "maskgit_plus"
-    """How positions are ranked: origin, origin-ratio, autoregressive, maskgit_plus, topk_margin, entropy."""
+    """How positions are ranked: origin, origin-ratio, autoregressive, maskgit_plus, topk_margin, entropy.
+    entropy's confidence (the negative entropy) is <= 0, so a positive threshold never selects anything with
+    it (the authors' semantics): every step falls back to the schedule's count, and a warning says so."""
     alg_temp: float | None = None
     """> 0: draw the fallback positions by ``multinomial(softmax(confidence / alg_temp))`` instead of top-n.
     Only the confidence algs use it; origin, origin-ratio and autoregressive ignore it, as the authors' code
@@ -311,7 +362,7 @@ class GenerationConfig:
     prefill: bool = True
     """Reuse the prompt K/V computed at step 0 (Dimple's ``use_cache``, an approximation the paper measures)."""
     seed: int | None = None
-    """Seed of a private RNG stream (None: torch's global RNG, as the authors' code)."""
+    """Seed of a private RNG stream, in [0, 2**64); None: torch's global RNG, as the authors' code."""
     batch_coupled: bool = False
     """True: the authors' batch-global decisions; False: each sequence decides alone (batch-independent)."""
     validate_categorical: bool = True
@@ -320,33 +371,46 @@ class GenerationConfig:
     """Also return the sequences after every step."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        check_int("max_new_tokens", self.max_new_tokens, 1, MAX_NEW_TOKENS)
         if self.steps is None:
             self.steps = self.max_new_tokens
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
-        if not 0 < self.eps < 1:
-            raise ValueError(f"eps must be in (0, 1), got {self.eps!r}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
-            raise ValueError(f"top_k must be a positive integer, got {self.top_k!r}")
-        if self.alg not in DECODING_ALGS:
-            raise ValueError(f"alg must be one of {DECODING_ALGS}, got {self.alg!r}")
-        if self.alg_temp is not None and self.alg_temp < 0:
-            raise ValueError(f"alg_temp must be None or >= 0, got {self.alg_temp!r}")
+        check_int("steps", self.steps, 1, MAX_STEPS)
+        if not (_is_real(self.eps) and 0 < self.eps < 1):
+            raise ValueError(f"eps must be a number in (0, 1), got {self.eps!r}")
+        check_real("temperature", self.temperature, 0, MAX_TEMPERATURE)
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            raise ValueError(
+                f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}], got {self.temperature!r}"
+            )
+        if self.top_p is not None:
+            check_real("top_p", self.top_p, 0, 1, low_open=True)
+        if self.top_k is not None:
+            check_int("top_k", self.top_k, 1, 2**31 - 1)
+        if self.alg not in ALG_CONFIDENCE:
+            raise ValueError(f"alg must be one of {tuple(ALG_CONFIDENCE)}, got {self.alg!r}")
+        if self.alg_temp is not None:
+            check_real("alg_temp", self.alg_temp, 0, MAX_TEMPERATURE)
         if self.pipeline not in PIPELINES:
             raise ValueError(f"pipeline must be one of {PIPELINES}, got {self.pipeline!r}")
         if self.pipeline == "dream" and self.alg == "origin-ratio":
             raise ValueError("alg 'origin-ratio' exists only in the 'dim' pipeline")
         if self.threshold == "auto":
             self.threshold = 0.95 if self.pipeline == "dim" else None
-        if isinstance(self.threshold, str) or (self.threshold is not None and not 0 <= self.threshold <= 1):
-            raise ValueError(f"threshold must be None, 'auto' or in [0, 1], got {self.threshold!r}")
-        if self.pipeline == "dream" and self.threshold:
+        if self.threshold is not None:
+            if isinstance(self.threshold, str):
+                raise ValueError(f"threshold must be None, 'auto' or a number in [0, 1], got {self.threshold!r}")
+            check_real("threshold", self.threshold, 0, 1)
+            self.threshold = float(self.threshold) or None  # 0 turns confident decoding off, as None does
+        if self.pipeline == "dream" and self.threshold is not None:
             raise ValueError("the 'dream' pipeline has no threshold: pass threshold=None (or 'auto')")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        if self.alg == "entropy" and self.threshold is not None:
+            warnings.warn(
+                "alg='entropy' ranks by the negative entropy (<= 0), which never exceeds a positive threshold: "
+                "every step uses the fallback count (the authors' semantics); pass threshold=None to say so",
+                stacklevel=3,
+            )
+        if self.seed is not None:
+            check_int("seed", self.seed, 0, 2**64 - 1)
+        for name in ("use_original_confidence", "prefill", "batch_coupled", "validate_categorical", "return_history"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")

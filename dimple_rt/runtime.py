@@ -12,10 +12,10 @@ from typing import Any
 
 import torch
 
-from .config import DimpleConfig, GenerationConfig
+from .backend import BACKENDS, Backend, backend_for
+from .config import MAX_NEW_TOKENS, DimpleConfig, GenerationConfig, check_int
 from .generation.loop import DecodeRequest, LogitsHook, TokensHook, denoise
 from .generation.priors import build_canvas, parse_template
-from .model.backend import BACKENDS, backend_for
 from .model.dimple import DimpleModel
 from .processor import ImageProcessor, expand_image_placeholders
 from .tokenizer import DimpleTokenizer
@@ -39,12 +39,15 @@ class ModelInputs:
 
 
 def _images_of(messages: Sequence[Message]) -> list[Any]:
-    """Image items of a conversation in order: ``{"type": "image", "image": ...}`` (or an ``image`` key)."""
+    """Image items of a conversation in order: ``{"type": "image", "image": ...}`` (or an ``image`` key).
+    Video items raise NotImplementedError: neither we nor the authors' code implement video."""
     found = []
     for message in messages:
         content = message.get("content")
         if isinstance(content, list):
             for item in content:
+                if isinstance(item, dict) and (item.get("type") == "video" or "video" in item):
+                    raise NotImplementedError("video items are not supported (Dimple has no video projector)")
                 if isinstance(item, dict) and (item.get("type") == "image" or "image" in item):
                     if "image" not in item:
                         raise ValueError(f"image item without an 'image' field: {item!r}")
@@ -84,7 +87,7 @@ class Runtime:
 
     ``model`` is an alias (``"dimple-7b"``), a folder in Hugging Face layout, or a repo id found in the
     local Hugging Face cache. ``dtype`` defaults to fp32 on CPU; ``backend`` is ``"kernels"`` (the C++/CUDA
-    ops) or ``"reference"`` (plain torch).
+    ops) or ``"reference"`` (plain torch); ``self.backend`` holds the chosen :class:`~dimple_rt.backend.Backend`.
     """
 
     def __init__(
@@ -101,9 +104,7 @@ class Runtime:
         self.dtype = dtype if dtype is not None else torch.float32
         if self.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"dtype must be one of {SUPPORTED_DTYPES}, got {self.dtype}")
-        self.backend = backend
-        self.ops = backend_for(backend)
-        self.attention = self.ops.attention
+        self.backend: Backend = backend_for(backend)
         self.path: Path = resolve_model(model)
         self.config = DimpleConfig.from_json_file(self.path / "config.json")
         with torch.device("meta"):
@@ -146,33 +147,53 @@ class Runtime:
     ) -> torch.Tensor:
         """Unshifted logits ``(batch, len, vocab)`` of one full-sequence forward, as the authors'
         ``DimpleModel.forward`` returns them (bidirectional attention with Dimple's mask)."""
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, len), got {tuple(input_ids.shape)}")
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(
-                f"attention_mask {tuple(attention_mask.shape)} must have input_ids' shape {tuple(input_ids.shape)}"
-            )
-        if (pixel_values is None) != (image_grid_thw is None):
-            raise ValueError("pixel_values and image_grid_thw go together: give both or neither")
-        if input_ids.shape[1] > self.config.max_position_embeddings:
-            raise ValueError(
-                f"input length {input_ids.shape[1]} exceeds max_position_embeddings "
-                f"{self.config.max_position_embeddings}"
-            )
-        input_ids = input_ids.to(self.device)
-        attention_mask = attention_mask.to(self.device)
-        features = None
-        if pixel_values is not None:
-            assert image_grid_thw is not None
-            features = self.model.encode_images(pixel_values.to(self.device), image_grid_thw, self.attention)
+        inputs = ModelInputs(input_ids, attention_mask, pixel_values, image_grid_thw)
+        self._check_model_inputs(inputs, canvas_length=0)
+        features = self._image_features(inputs)
         out = self.model(
-            input_ids,
-            self.attention,
-            attention_mask=attention_mask,
+            inputs.input_ids.to(self.device),
+            self.backend,
+            attention_mask=inputs.attention_mask.to(self.device),
             image_features=features,
             image_grid_thw=image_grid_thw,
         )
         return out.logits
+
+    def _check_model_inputs(self, inputs: ModelInputs, canvas_length: int) -> None:
+        """ValueError/TypeError naming the problem in pre-tokenised inputs, before anything runs: shapes, dtypes,
+        token ids outside the vocabulary, right padding, images without their grid, and a prompt plus a canvas
+        of ``canvas_length`` longer than the model's positions."""
+        input_ids, attention_mask = inputs.input_ids, inputs.attention_mask
+        for name, tensor in (("input_ids", input_ids), ("attention_mask", attention_mask)):
+            if not isinstance(tensor, torch.Tensor) or tensor.is_floating_point() or tensor.is_complex():
+                raise TypeError(f"{name} must be an integer tensor, got {getattr(tensor, 'dtype', type(tensor))}")
+        if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape or input_ids.shape[1] < 1:
+            raise ValueError(
+                f"input_ids and attention_mask must both be (batch, len) with len >= 1, got {tuple(input_ids.shape)} "
+                f"and {tuple(attention_mask.shape)}"
+            )
+        vocab = self.config.vocab_size
+        if bool(((input_ids < 0) | (input_ids >= vocab)).any()):
+            raise ValueError(f"input_ids hold token ids outside the vocabulary [0, {vocab})")
+        if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+            raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
+        mask = attention_mask.to(torch.bool)
+        if bool((mask[:, :-1] & ~mask[:, 1:]).any()):
+            raise ValueError("inputs need left padding: a 0 of attention_mask follows a 1 (right padding?)")
+        if (inputs.pixel_values is None) != (inputs.image_grid_thw is None):
+            raise ValueError("pixel_values and image_grid_thw go together: give both or neither")
+        total, limit = input_ids.shape[1] + canvas_length, self.config.max_position_embeddings
+        if total > limit:
+            raise ValueError(
+                f"prompt ({input_ids.shape[1]}) + max_new_tokens ({canvas_length}) = {total} exceeds "
+                f"max_position_embeddings {limit}"
+            )
+
+    def _image_features(self, inputs: ModelInputs) -> torch.Tensor | None:
+        """Projected features of the inputs' images (once per request), or None without images."""
+        if inputs.pixel_values is None:
+            return None
+        return self.model.encode_images(inputs.pixel_values.to(self.device), inputs.image_grid_thw, self.backend)
 
     # Generation ---------------------------------------------------------------------------------------------------
 
@@ -209,37 +230,24 @@ class Runtime:
         GenerationConfig fields."""
         tensors = {key: options.pop(key) for key in MODEL_INPUT_FIELDS if key in options}
         model_inputs = self._model_inputs(inputs, {k: v for k, v in tensors.items() if v is not None})
-        input_ids, attention_mask = model_inputs.input_ids, model_inputs.attention_mask
-        if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
-            raise ValueError(
-                f"input_ids and attention_mask must both be (batch, len), got {tuple(input_ids.shape)} and "
-                f"{tuple(attention_mask.shape)}"
-            )
-        mask = attention_mask.to(torch.bool)
-        if bool((mask[:, :-1] & ~mask[:, 1:]).any()):
-            raise ValueError("generate needs left padding: a 0 of attention_mask follows a 1 (right padding?)")
+        max_new_tokens = options.pop("max_new_tokens", None)
+        if max_new_tokens is not None:
+            check_int("max_new_tokens", max_new_tokens, 1, MAX_NEW_TOKENS)
+        if response_length is not None:
+            check_int("response_length", response_length, 0, MAX_NEW_TOKENS)
         mask_id = self.config.mask_token_id
-        template_ids = parse_template(template, self.tokenizer.encode, mask_id) if template is not None else None
-        canvas = build_canvas(
-            mask_id, self.config.pad_token_id, options.pop("max_new_tokens", None), template_ids, response_length
-        )
+        template_ids = None
+        if template is not None:
+            template_ids = parse_template(template, self.tokenizer.encode, mask_id)
+        canvas = build_canvas(mask_id, self.config.pad_token_id, max_new_tokens, template_ids, response_length)
         try:
             config = GenerationConfig(max_new_tokens=len(canvas), **options)
         except TypeError as err:
             names = sorted(f.name for f in dataclasses.fields(GenerationConfig))
             raise TypeError(f"{err}; generate's options are {names}, template and response_length") from None
-        if input_ids.shape[1] + len(canvas) > self.config.max_position_embeddings:
-            raise ValueError(
-                f"prompt ({input_ids.shape[1]}) + max_new_tokens ({len(canvas)}) exceeds max_position_embeddings "
-                f"{self.config.max_position_embeddings}"
-            )
-        features = None
-        if (model_inputs.pixel_values is None) != (model_inputs.image_grid_thw is None):
-            raise ValueError("pixel_values and image_grid_thw go together: give both or neither")
-        if model_inputs.pixel_values is not None:
-            features = self.model.encode_images(
-                model_inputs.pixel_values.to(self.device), model_inputs.image_grid_thw, self.attention
-            )
+        self._check_model_inputs(model_inputs, canvas_length=len(canvas))
+        input_ids, attention_mask = model_inputs.input_ids, model_inputs.attention_mask
+        features = self._image_features(model_inputs)
         batch = input_ids.shape[0]
         request = DecodeRequest(
             input_ids=input_ids.to(self.device, torch.long),
@@ -279,7 +287,7 @@ class Runtime:
         history: list[torch.Tensor] = []
         sequences = torch.cat([request.input_ids, request.canvas], dim=1)
         passes = 0
-        for step in denoise(self.model, self.ops, request, config, tokens_hook, logits_hook):
+        for step in denoise(self.model, self.backend, request, config, tokens_hook, logits_hook):
             sequences, passes = step.sequences, passes + 1
             if config.return_history:
                 history.append(step.sequences.cpu())
@@ -320,7 +328,7 @@ class Runtime:
         request, config = self._decode_request(inputs, template, response_length, options)
         prompt_len = request.input_ids.shape[1]
         with torch.inference_mode():
-            for step in denoise(self.model, self.ops, request, config, tokens_hook, logits_hook):
+            for step in denoise(self.model, self.backend, request, config, tokens_hook, logits_hook):
                 yield StreamStep(step.step, step.sequences[:, prompt_len:].cpu(), step.committed)
 
     def render_canvas(self, canvas: torch.Tensor) -> str:

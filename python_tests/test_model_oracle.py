@@ -16,8 +16,8 @@ transformers = pytest.importorskip("transformers")
 from transformers.models.qwen2 import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 from transformers.models.qwen2_5_vl import Qwen2_5_VLConfig, Qwen2_5_VLModel  # noqa: E402
 
+from dimple_rt.backend import backend_for  # noqa: E402
 from dimple_rt.config import DimpleConfig, VisionConfig  # noqa: E402
-from dimple_rt.model.backend import attention_for  # noqa: E402
 from dimple_rt.model.dimple import DimpleModel  # noqa: E402
 from dimple_rt.model.rope import get_rope_index  # noqa: E402
 from dimple_rt.testing.tiny_checkpoint import random_state_dict  # noqa: E402
@@ -109,7 +109,7 @@ def test_decoder_matches_transformers_qwen2(causal: bool, tol) -> None:
         expected = oracle(
             input_ids=ids, attention_mask={"full_attention": _dimple_mask(mask, causal)}, position_ids=positions
         ).logits
-        got = ours(ids, attention_for("reference"), attention_mask=mask).logits
+        got = ours(ids, backend_for("reference"), attention_mask=mask).logits
     rows = mask.bool() if causal else torch.ones_like(mask, dtype=torch.bool)  # causal pad rows see nothing
     torch.testing.assert_close(got[rows], expected[rows], **tol(torch.float32))
     if causal:
@@ -225,9 +225,9 @@ def test_dimple_with_images_matches_transformers(dtype: torch.dtype, tol) -> Non
         expected = F.linear(hidden, state["lm_head.weight"])
 
         model = ours.to(dtype)
-        attention = attention_for("reference")
-        image_features = model.encode_images(pixel_values, grid, attention)
-        got = model(ids, attention, attention_mask=mask, image_features=image_features, image_grid_thw=grid).logits
+        backend = backend_for("reference")
+        image_features = model.encode_images(pixel_values, grid, backend)
+        got = model(ids, backend, attention_mask=mask, image_features=image_features, image_grid_thw=grid).logits
     if dtype == torch.float32:
         torch.testing.assert_close(got, expected, **tol(torch.float32))
     else:
@@ -241,10 +241,10 @@ def test_logits_rows_equal_full_lm_head(tol) -> None:
     model = _ours(config, random_state_dict(config, seed=6))
     ids, mask = _text_batch(torch.Generator().manual_seed(7))
     rows = torch.rand(ids.shape, generator=torch.Generator().manual_seed(8)) < 0.4
-    attention = attention_for("reference")
+    backend = backend_for("reference")
     with torch.no_grad():
-        full = model(ids, attention, attention_mask=mask).logits
-        some = model(ids, attention, attention_mask=mask, logits_rows=rows).logits
+        full = model(ids, backend, attention_mask=mask).logits
+        some = model(ids, backend, attention_mask=mask, logits_rows=rows).logits
     torch.testing.assert_close(some[0], full[rows], **tol(torch.float32))
 
 
@@ -252,10 +252,10 @@ def test_image_placeholder_count_mismatch_raises() -> None:
     config = _config(vision=True)
     model = _ours(config, random_state_dict(config, seed=9))
     ids, mask, pixel_values, grid = _image_batch(torch.Generator().manual_seed(10))
-    attention = attention_for("reference")
+    backend = backend_for("reference")
     with torch.no_grad():
-        features = model.encode_images(pixel_values, grid, attention)
+        features = model.encode_images(pixel_values, grid, backend)
         broken = ids.clone()
         broken[0, (broken[0] == IMAGE_PAD).nonzero()[-1]] = 5  # one placeholder too few
         with pytest.raises(ValueError, match="<\\|image_pad\\|> tokens but the images give"):
-            model(broken, attention, attention_mask=mask, image_features=features, image_grid_thw=grid)
+            model(broken, backend, attention_mask=mask, image_features=features, image_grid_thw=grid)

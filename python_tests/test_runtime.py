@@ -11,7 +11,7 @@ import torch
 
 import dimple_rt
 from dimple_rt import cli
-from dimple_rt.model.backend import attention_for
+from dimple_rt.backend import backend_for
 from dimple_rt.testing.tiny_checkpoint import write_tiny_checkpoint
 
 
@@ -41,7 +41,7 @@ def test_forward_equals_the_model_called_directly(tiny: Path) -> None:
     inputs = rt.prepare(["Hello there", "Hi"])
     logits = rt.forward(inputs.input_ids, inputs.attention_mask)
     assert logits.shape == (2, inputs.input_ids.shape[1], rt.config.vocab_size)
-    direct = rt.model(inputs.input_ids, attention_for("reference"), attention_mask=inputs.attention_mask).logits
+    direct = rt.model(inputs.input_ids, backend_for("reference"), attention_mask=inputs.attention_mask).logits
     torch.testing.assert_close(logits, direct, rtol=0, atol=0)
 
 

@@ -12,9 +12,8 @@ import math
 import pytest
 import torch
 
+from dimple_rt.config import ALG_CONFIDENCE, GenerationConfig
 from dimple_rt.generation.sampling import (
-    ALG_CONFIDENCE,
-    check_alg,
     sample_tokens,
     token_confidence,
     top_k_filter,
@@ -189,8 +188,7 @@ def test_alg_confidence_mapping() -> None:
         "topk_margin": "margin",
         "entropy": "neg_entropy",
     }
-    assert check_alg("topk_margin") == "margin"
     with pytest.raises(ValueError, match="maskgit_plus"):
-        check_alg("maskgit")
+        GenerationConfig(alg="maskgit")
     with pytest.raises(ValueError, match="confidence kind"):
         token_confidence(torch.ones(1, 2), torch.zeros(1, dtype=torch.long), "bogus")  # type: ignore[arg-type]

@@ -65,14 +65,14 @@ def run_causal(rt: Runtime, example: tasks.Example, max_new: int = CANVAS) -> di
     inputs = rt.prepare(tasks.conversation(example))
     features = None
     if inputs.pixel_values is not None:
-        features = model.encode_images(inputs.pixel_values, inputs.image_grid_thw, rt.attention)
+        features = model.encode_images(inputs.pixel_values, inputs.image_grid_thw, rt.backend)
     stop = {rt.config.pad_token_id, rt.tokenizer.convert_tokens_to_ids("<|im_end|>")}
     ids, out = inputs.input_ids, []
     with torch.no_grad():
         for _ in range(max_new):
             logits = model(
                 ids,
-                rt.attention,
+                rt.backend,
                 attention_mask=torch.ones_like(ids),
                 image_features=features,
                 image_grid_thw=inputs.image_grid_thw,

@@ -1,2 +1,3 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Generation: per-step token sampling (``sampling``) and commit schedules (``schedule``) as pure tensor functions."""
+"""Generation: the denoising step loop (``loop``) and what one step decides (``decide``), built from token choice
+and confidence (``sampling``), commit schedules (``schedule``) and structure priors (``priors``)."""

@@ -12,14 +12,14 @@ an fp32 model agree.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from dimple_rt.config import GenerationConfig
+from dimple_rt.backend import SelectFn
+from dimple_rt.config import ALG_CONFIDENCE, GenerationConfig
 
-from .sampling import ALG_CONFIDENCE, sample_tokens
+from .sampling import sample_tokens
 from .schedule import (
     DREAM_CONFIDENCE_ALGS,
     DREAM_PRESELECT_ALGS,
@@ -32,8 +32,6 @@ from .schedule import (
     pick_generator,
     row_segments,
 )
-
-SelectFn = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -103,26 +101,19 @@ def reference_step(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The step's ``(commit (N,) bool, x0 (N,))`` for the masked rows, by pipeline (spec §4.5, §4.6), with the
     authors' ops and numerics."""
-    coupled = options.batch_coupled
     if options.pipeline == "dim":
         confidence, x0 = _sample(mask_logits, row_ids, options, options.use_original_confidence, streams)
         commit = dim_step(
-            confidence,
-            row_ids,
-            num_total_mask,
-            inputs,
-            batch_coupled=coupled,
-            cpu_generator=streams.cpu,
-            generator=streams.device,
+            confidence, row_ids, num_total_mask, inputs, options, cpu_generator=streams.cpu, generator=streams.device
         )
         return commit, x0
     if options.alg in DREAM_PRESELECT_ALGS:
-        commit = dream_preselect(row_ids, inputs, batch_coupled=coupled, generator=streams.device)
+        commit = dream_preselect(row_ids, inputs, options, generator=streams.device)
         x0 = torch.zeros_like(row_ids)
         _, x0[commit] = _sample(mask_logits[commit], row_ids[commit], options, False, streams)
         return commit, x0
     confidence, x0 = _sample(mask_logits, row_ids, options, False, streams)
-    return dream_step(confidence, row_ids, inputs, batch_coupled=coupled, generator=streams.device), x0
+    return dream_step(confidence, row_ids, inputs, options, generator=streams.device), x0
 
 
 def _uniforms(row_ids: torch.Tensor, coupled: bool, streams: Streams) -> torch.Tensor:
@@ -176,25 +167,24 @@ def fused_step(
 
     none = [0] * groups
     if not dim and options.alg in DREAM_PRESELECT_ALGS:
-        commit = dream_preselect(row_ids, inputs, batch_coupled=coupled, generator=streams.device)
+        commit = dream_preselect(row_ids, inputs, options, generator=streams.device)
         x0 = torch.zeros_like(row_ids)
         x0[commit] = run(mask_logits[commit], row_ids[commit], none, None)[0]
         return commit, x0
     if not dim:
         x0, confidence, _ = run(mask_logits, row_ids, none, None)
-        return dream_step(confidence, row_ids, inputs, batch_coupled=coupled, generator=streams.device), x0
+        return dream_step(confidence, row_ids, inputs, options, generator=streams.device), x0
     if options.alg not in DREAM_CONFIDENCE_ALGS or options.alg_temp:
         x0, confidence, _ = run(mask_logits, row_ids, none, None)
         commit = dim_step(
-            confidence, row_ids, num_total_mask, inputs, batch_coupled=coupled, cpu_generator=streams.cpu,
-            generator=streams.device,
-        )  # fmt: skip
+            confidence, row_ids, num_total_mask, inputs, options, cpu_generator=streams.cpu, generator=streams.device
+        )
         return commit, x0
 
     # Fully fused: threshold test, else the fallback's top-n, per group. The count is computed up front; the
     # reference only computes it (and may raise, when the mask ratio is below eps) if the threshold selects
     # nothing, so a failing count is kept and raised only where that happens.
-    threshold = inputs.threshold if inputs.threshold is not None and inputs.threshold > 0 else None
+    threshold = options.threshold
     counts, failures = list(none), {}
     for group, n_cur, total in _groups(row_ids, num_total_mask, coupled):
         if threshold is not None and inputs.is_last:

@@ -16,12 +16,24 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
+from dimple_rt.config import MAX_NEW_TOKENS
+
 MASK_SPAN = re.compile(r"<mask:(\d+)>")
 
 
-def parse_template(template: str, encode: Callable[[str], list[int]], mask_token_id: int) -> list[int]:
-    """Canvas ids of ``template``: its text pieces tokenised, ``<mask:N>`` spans as N mask ids."""
+def parse_template(
+    template: str, encode: Callable[[str], list[int]], mask_token_id: int, max_length: int = MAX_NEW_TOKENS
+) -> list[int]:
+    """Canvas ids of ``template``: its text pieces tokenised, ``<mask:N>`` spans as N mask ids; ValueError
+    (before anything is built) when it would be longer than ``max_length`` tokens."""
+    if not isinstance(template, str):
+        raise TypeError(f"template must be a string, got {type(template).__name__}")
+    if len(template) > 16 * max_length:
+        raise ValueError(f"template has {len(template)} characters; at most {16 * max_length} are accepted")
     pieces = MASK_SPAN.split(template)  # [text, N, text, N, ..., text]
+    masks = sum(int(piece) for piece in pieces[1::2])
+    if masks > max_length:
+        raise ValueError(f"the template's mask spans hold {masks} masks; at most {max_length} fit in a canvas")
     ids: list[int] = []
     for index, piece in enumerate(pieces):
         if index % 2:
@@ -32,6 +44,8 @@ def parse_template(template: str, encode: Callable[[str], list[int]], mask_token
             raise ValueError(f"template {template!r} has a malformed mask span: write <mask:N>, N a positive integer")
         elif piece:
             ids.extend(encode(piece))
+    if len(ids) > max_length:
+        raise ValueError(f"the template is {len(ids)} tokens long; at most {max_length} fit in a canvas")
     return ids
 
 

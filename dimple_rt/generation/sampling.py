@@ -13,29 +13,10 @@ RNG: the reference draws ``Categorical(probs).sample()`` from the global RNG of 
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from torch import distributions as dists
 
-ConfidenceKind = Literal["plain", "margin", "neg_entropy"]
-
-ALG_CONFIDENCE: dict[str, ConfidenceKind] = {
-    "origin": "plain",
-    "origin-ratio": "plain",
-    "autoregressive": "plain",
-    "maskgit_plus": "plain",
-    "topk_margin": "margin",
-    "entropy": "neg_entropy",
-}
-"""Which confidence each decoding ``alg`` ranks by (spec §4.4, "Algorithm mapping")."""
-
-
-def check_alg(alg: str) -> ConfidenceKind:
-    """The confidence kind of ``alg``; ValueError naming the allowed values for an unknown one."""
-    if alg not in ALG_CONFIDENCE:
-        raise ValueError(f"alg must be one of {sorted(ALG_CONFIDENCE)}, got {alg!r}")
-    return ALG_CONFIDENCE[alg]
+from dimple_rt.config import ConfidenceKind
 
 
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:

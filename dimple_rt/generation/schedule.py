@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .sampling import check_alg
+from dimple_rt.config import GenerationConfig
 
 Generators = torch.Generator | Sequence[torch.Generator | None] | None
 
@@ -52,21 +52,15 @@ def masked_row_ids(mask_index: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class StepInputs:
-    """Everything a step's commit decision reads besides the confidences and the mask layout."""
+    """The per-step values a commit decision reads; the options (alg, threshold, alg_temp, batch coupling)
+    come from the request's :class:`~dimple_rt.config.GenerationConfig`."""
 
     step: int
     """The step index i, 0 ≤ i < steps."""
     timesteps: torch.Tensor
-    """``timesteps(steps, eps, device)``, shape (steps + 1,) float32."""
-    alg: str = "origin"
-    """The decoding alg (``ALG_CONFIDENCE`` keys)."""
-    threshold: float | None = None
-    """'dim' only: ``alg_p_threshold``; None or ≤ 0 disables the threshold path."""
-    alg_temp: float | None = None
-    """None or 0: commit the top-n confidences; > 0: draw n by ``multinomial(softmax(conf / alg_temp))``."""
+    """``timesteps(options.steps, options.eps, device)``, shape (steps + 1,) float32."""
 
     def __post_init__(self) -> None:
-        check_alg(self.alg)
         if self.timesteps.dim() != 1 or self.timesteps.numel() < 2 or self.timesteps.dtype != torch.float32:
             raise ValueError(
                 f"timesteps must be 1-D float32 with >= 2 entries, got {tuple(self.timesteps.shape)} "
@@ -74,8 +68,6 @@ class StepInputs:
             )
         if not 0 <= self.step < self.steps:
             raise ValueError(f"step must be in [0, {self.steps}), got {self.step}")
-        if self.alg_temp is not None and self.alg_temp < 0:
-            raise ValueError(f"alg_temp must be None or >= 0, got {self.alg_temp}")
 
     @property
     def steps(self) -> int:
@@ -176,31 +168,32 @@ def _dim_group(
     row_ids: torch.Tensor,
     num_total_mask: int,
     inputs: StepInputs,
+    options: GenerationConfig,
     cpu_generator: torch.Generator | None,
     generator: torch.Generator | None,
 ) -> torch.Tensor:
     """One 'dim' decision over a group of entries: the whole batch, or one sequence."""
-    if inputs.threshold is not None and inputs.threshold > 0:
+    if options.threshold is not None:
         if inputs.is_last:
             return torch.ones_like(confidence, dtype=torch.bool)
         # The Python float is cast to the confidence dtype: bf16(0.95) = 0.94921875, so this is conf >= 0.953125.
-        selected = confidence > inputs.threshold
+        selected = confidence > options.threshold
         if bool(selected.any()):
             return selected
 
     n_cur = confidence.numel()
     n, s, t = dim_fallback_count(n_cur, num_total_mask, inputs.step, inputs.timesteps, inputs.steps)
-    if inputs.alg == "origin":
+    if options.alg == "origin":
         index = torch.randperm(n_cur, generator=cpu_generator)[:n]
         selected = torch.zeros_like(confidence, dtype=torch.bool)
         selected[index.to(confidence.device)] = True
         return selected
-    if inputs.alg == "origin-ratio":
+    if options.alg == "origin-ratio":
         p = _transfer_probability(s, t, last=s <= float(inputs.timesteps[-1]))
         return torch.rand(n_cur, device=confidence.device, generator=generator) < p
-    if inputs.alg == "autoregressive":
+    if options.alg == "autoregressive":
         return _first_per_row(row_ids)
-    return _top_n(confidence, n, inputs.alg_temp, generator)
+    return _top_n(confidence, n, options.alg_temp, generator)
 
 
 def dim_step(
@@ -208,18 +201,18 @@ def dim_step(
     row_ids: torch.Tensor,
     num_total_mask: Sequence[int],
     inputs: StepInputs,
+    options: GenerationConfig,
     *,
-    batch_coupled: bool = True,
     cpu_generator: Generators = None,
     generator: Generators = None,
 ) -> torch.Tensor:
-    """The 'dim' commit mask ``(N,)`` bool for one step (spec §4.5).
+    """The 'dim' commit mask ``(N,)`` bool for one step (spec §4.5), per ``options.batch_coupled`` group.
 
     confidence: (N,) from ``sample_tokens`` with the alg's ``ALG_CONFIDENCE`` kind and the configured
     ``use_original_confidence``. row_ids: (N,) batch row of each entry. num_total_mask: per batch row, the mask
     count after the initial tokens hook (the reference's batch-wide count is the sum).
 
-    Threshold path (``threshold > 0``): the last step commits everything; otherwise ``confidence > threshold``,
+    Threshold path (``options.threshold`` set): the last step commits everything; otherwise ``confidence > threshold``,
     kept if anything in the group passes. Fallback: ``n = dim_fallback_count(...)`` entries by alg: origin a CPU
     ``randperm(N)[:n]``; origin-ratio each entry with p = 1 − s/t (may commit none); autoregressive the leftmost
     entry per row (n ignored, so masks may remain at the end); the others ``_top_n``. An empty group commits
@@ -229,10 +222,16 @@ def dim_step(
         raise ValueError(f"confidence and row_ids must both be (N,), got {tuple(confidence.shape)}, {row_ids.shape}")
     if confidence.numel() == 0:
         return torch.zeros_like(confidence, dtype=torch.bool)
-    if batch_coupled:
+    if options.batch_coupled:
         total = sum(int(v) for v in num_total_mask)
         return _dim_group(
-            confidence, row_ids, total, inputs, pick_generator(cpu_generator, None), pick_generator(generator, None)
+            confidence,
+            row_ids,
+            total,
+            inputs,
+            options,
+            pick_generator(cpu_generator, None),
+            pick_generator(generator, None),
         )
     selected = torch.zeros_like(confidence, dtype=torch.bool)
     for row, start, end in row_segments(row_ids):
@@ -241,6 +240,7 @@ def dim_step(
             row_ids[start:end],
             int(num_total_mask[row]),
             inputs,
+            options,
             pick_generator(cpu_generator, row),
             pick_generator(generator, row),
         )
@@ -253,7 +253,7 @@ def _check_dream_alg(alg: str, allowed: tuple[str, ...], use: str) -> None:
 
 
 def dream_preselect(
-    row_ids: torch.Tensor, inputs: StepInputs, *, batch_coupled: bool = True, generator: Generators = None
+    row_ids: torch.Tensor, inputs: StepInputs, options: GenerationConfig, *, generator: Generators = None
 ) -> torch.Tensor:
     """The 'dream' commit mask ``(N,)`` for ``origin`` / ``autoregressive``, chosen *before* sampling (§4.6).
 
@@ -262,12 +262,12 @@ def dream_preselect(
     ``sample_tokens(mask_logits[selected], ..., use_original_confidence=False)`` on the selected rows only, so the
     sampler's RNG consumption differs from 'dim'.
     """
-    _check_dream_alg(inputs.alg, DREAM_PRESELECT_ALGS, "dream_preselect")
-    if inputs.alg == "autoregressive":
+    _check_dream_alg(options.alg, DREAM_PRESELECT_ALGS, "dream_preselect")
+    if options.alg == "autoregressive":
         return _first_per_row(row_ids)
     ts = inputs.timesteps.cpu()
     p = _transfer_probability(float(ts[inputs.step + 1]), float(ts[inputs.step]), inputs.is_last)
-    if batch_coupled:
+    if options.batch_coupled:
         return torch.rand(row_ids.numel(), device=row_ids.device, generator=pick_generator(generator, None)) < p
     selected = torch.zeros_like(row_ids, dtype=torch.bool)
     for row, start, end in row_segments(row_ids):
@@ -281,8 +281,8 @@ def dream_step(
     confidence: torch.Tensor,
     row_ids: torch.Tensor,
     inputs: StepInputs,
+    options: GenerationConfig,
     *,
-    batch_coupled: bool = True,
     generator: Generators = None,
 ) -> torch.Tensor:
     """The 'dream' commit mask ``(N,)`` for ``maskgit_plus`` / ``topk_margin`` / ``entropy`` (§4.6).
@@ -291,10 +291,10 @@ def dream_step(
     forces it, whatever the config says: the caller must pass it). Commits ``_top_n`` of ``dream_count(N_cur)``
     entries, which may be none. There is no threshold path in 'dream'.
     """
-    _check_dream_alg(inputs.alg, DREAM_CONFIDENCE_ALGS, "dream_step")
+    _check_dream_alg(options.alg, DREAM_CONFIDENCE_ALGS, "dream_step")
     if confidence.shape != row_ids.shape or confidence.dim() != 1:
         raise ValueError(f"confidence and row_ids must both be (N,), got {tuple(confidence.shape)}, {row_ids.shape}")
-    if batch_coupled:
+    if options.batch_coupled:
         groups = [(None, 0, confidence.numel())]
     else:
         groups = row_segments(row_ids)
@@ -302,5 +302,5 @@ def dream_step(
     for row, start, end in groups:
         n = dream_count(end - start, inputs.step, inputs.timesteps, inputs.steps)
         if n > 0:
-            selected[start:end] = _top_n(confidence[start:end], n, inputs.alg_temp, pick_generator(generator, row))
+            selected[start:end] = _top_n(confidence[start:end], n, options.alg_temp, pick_generator(generator, row))
     return selected

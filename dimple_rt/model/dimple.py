@@ -9,21 +9,18 @@ the vision tower never reruns per denoising step (the reference reruns it; the r
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from dimple_rt.backend import Backend
 from dimple_rt.config import DimpleConfig
 
-from .backend import AttentionFn
+from .kv_cache import KVCache
 from .layers import Linear
 from .llm import AttentionInputs, Decoder
 from .rope import get_rope_index, rotary_cos_sin
 from .vision import VisionTower
-
-if TYPE_CHECKING:
-    from dimple_rt.generation.cache import KVCache
 
 
 class ImageProjector(nn.Module):
@@ -68,15 +65,13 @@ class DimpleModel(nn.Module):
         self.model = Decoder(config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
 
-    def encode_images(
-        self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, attention: AttentionFn
-    ) -> torch.Tensor:
+    def encode_images(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, backend: Backend) -> torch.Tensor:
         """pixel_values: (patches, patch_dim), image_grid_thw: (images, 3) → projected features
         (patches / merge², hidden) in the processor's merge-block order."""
         if self.config.vision_config is None:
             raise ValueError("this checkpoint has no vision tower (text-only model): it cannot take images")
         dtype = self.lm_head.weight.dtype
-        features = self.visual(pixel_values.to(dtype), image_grid_thw, attention)  # (tokens, hidden)
+        features = self.visual(pixel_values.to(dtype), image_grid_thw, backend.attention)  # (tokens, hidden)
         return self.img_projector(features)
 
     def embed(
@@ -101,13 +96,14 @@ class DimpleModel(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
-        attention: AttentionFn,
+        backend: Backend,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
         image_grid_thw: torch.Tensor | None = None,
         image_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        cache_start: int = 0,
         logits_rows: torch.Tensor | None = None,
         causal: bool | None = None,
     ) -> ForwardOutput:
@@ -115,15 +111,16 @@ class DimpleModel(nn.Module):
 
         attention_mask: (batch, prefix_len + len) 0/1 over the prefix and the current tokens.
         position_ids: (3, batch, len); computed with :func:`get_rope_index` when None (only valid without
-        a prefix). cache: the prefill cache; this call's tokens are written at ``cache.start`` and the keys
-        before it are the prefix. image_features: from :meth:`encode_images`, scattered over ``image_mask``
-        (default: the ``<|image_pad|>`` ids). logits_rows: optional bool (batch, len):
-        only those rows go through the LM head, returned as (1, rows, vocab) in row-major order.
+        a prefix). backend: the attention and cache-write implementations. cache: the prefill cache; this
+        call's tokens are written at ``cache_start`` and the keys before it are the prefix. image_features:
+        from :meth:`encode_images`, scattered over ``image_mask`` (default: the ``<|image_pad|>`` ids).
+        logits_rows: optional bool (batch, len): only those rows go through the LM head, returned as
+        (1, rows, vocab) in row-major order.
         causal: defaults to ``not config.full_attn_mask``.
         """
         rope_deltas = None
         if position_ids is None:
-            if cache is not None and cache.start:
+            if cache is not None and cache_start:
                 raise ValueError("position_ids are required when a prefix cache is given")
             position_ids, rope_deltas = get_rope_index(input_ids, self.config, image_grid_thw, attention_mask)
         embeds = self.embed(input_ids, image_features, image_mask)
@@ -135,8 +132,9 @@ class DimpleModel(nn.Module):
             sin=sin,
             key_mask=key_mask_from(attention_mask),
             causal=(not self.config.full_attn_mask) if causal is None else causal,
-            attention=attention,
+            backend=backend,
             cache=cache,
+            cache_start=cache_start,
         )
         hidden = self.model(embeds, ctx)  # (B, L, hidden)
         if logits_rows is not None:

@@ -1,29 +1,26 @@
 # SPDX-License-Identifier: Apache-2.0
 """The Dream / Qwen2 decoder of Dimple, bidirectional (Dimple's mask) or causal.
 
-Parameter names below ``model.`` follow the checkpoint exactly (spec §1.9). Attention goes through an
-injected :class:`~dimple_rt.model.backend.AttentionFn`, so the same module runs on the plain-torch reference
-or on the C++ kernels. With a :class:`~dimple_rt.generation.cache.KVCache` (prefilling) each layer writes its
-rotated K/V into its cache buffers at ``cache.start`` and attends over the buffer: the keys before ``start``
-are the prompt prefix reused from step 0.
+Parameter names below ``model.`` follow the checkpoint exactly (spec §1.9). Attention and the cache write go
+through an injected :class:`~dimple_rt.backend.Backend`, so the same module runs on the plain-torch reference
+or on the C++ kernels. With a :class:`~dimple_rt.model.kv_cache.KVCache` (prefilling) each layer writes its
+rotated K/V into its cache buffers at ``cache_start`` and attends over the buffer: the keys before
+``cache_start`` are the prompt prefix reused from an earlier forward.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from dimple_rt.backend import Backend
 from dimple_rt.config import DimpleConfig
 
-from .backend import AttentionFn
+from .kv_cache import KVCache
 from .layers import GatedMLP, Linear, RMSNorm
 from .rope import apply_rotary
-
-if TYPE_CHECKING:
-    from dimple_rt.generation.cache import KVCache
 
 
 @dataclass
@@ -31,16 +28,18 @@ class AttentionInputs:
     """Per-forward attention context shared by all layers.
 
     cos/sin: (batch, len, head_dim) rotary tables of the current tokens; key_mask: bool
-    (batch, prefix_len + len) or None (every token real); causal: AR training stages; cache: the prefill
-    cache (keys before ``cache.start`` are the prefix), or None.
+    (batch, prefix_len + len) or None (every token real); causal: AR training stages; backend: attention and
+    cache write; cache: the prefill cache, or None; cache_start: where this forward's K/V go in it (the keys
+    before it are the prefix).
     """
 
     cos: torch.Tensor
     sin: torch.Tensor
     key_mask: torch.Tensor | None
     causal: bool
-    attention: AttentionFn
+    backend: Backend
     cache: KVCache | None = None
+    cache_start: int = 0
 
 
 class DecoderAttention(nn.Module):
@@ -69,12 +68,12 @@ class DecoderAttention(nn.Module):
         if ctx.cache is None:
             k = apply_rotary(k, ctx.cos, ctx.sin)
         else:
-            start, (cache_k, cache_v) = ctx.cache.start, ctx.cache.layers[layer_index]
-            ctx.cache.write(cache_k, cache_v, k, v, ctx.cos, ctx.sin, start)
+            start, (cache_k, cache_v) = ctx.cache_start, ctx.cache.layers[layer_index]
+            ctx.backend.kv_cache_write(cache_k, cache_v, k, v, ctx.cos, ctx.sin, start)
             k, v = cache_k[:, start : start + length], cache_v[:, start : start + length]  # (B, L, Hkv, D) views
             if start:
                 prefix_k, prefix_v = cache_k[:, :start], cache_v[:, :start]  # (B, start, Hkv, D) views
-        out = ctx.attention(q, k, v, prefix_k, prefix_v, ctx.key_mask, None, ctx.causal)  # (B, L, H, D)
+        out = ctx.backend.attention(q, k, v, prefix_k, prefix_v, ctx.key_mask, None, ctx.causal)  # (B, L, H, D)
         return self.o_proj(out.reshape(batch, length, self.num_heads * self.head_dim))
 
 

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from dimple_rt import reference
+from dimple_rt.backend import AttentionFn
 from dimple_rt.config import VisionConfig
-from dimple_rt.model.backend import AttentionFn
 from dimple_rt.model.layers import GatedMLP, Linear, RMSNorm, linear, rotate_half
 
 ROPE_THETA = 10000.0

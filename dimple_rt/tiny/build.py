@@ -119,7 +119,7 @@ def standardize_vision_output(init: Path, state: dict[str, torch.Tensor], images
         if example.has_image:
             processed = rt.processor([example.image()])
             with torch.no_grad():
-                outputs.append(rt.model.visual(processed.pixel_values, processed.image_grid_thw, rt.attention))
+                outputs.append(rt.model.visual(processed.pixel_values, processed.image_grid_thw, rt.backend.attention))
     features = torch.cat(outputs)
     mean, std = features.mean(0), features.std(0).clamp_min(1e-6)
     state = dict(state)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dimple_rt.backend import Backend
+from dimple_rt.model.kv_cache import rotate_then_copy
 from dimple_rt.reference import attention_allowed, check_masked_attention_args, masked_attention
 
 MaybeTensor = torch.Tensor | None
@@ -88,3 +90,13 @@ def sdpa_attention(
     if bool(empty.any()):
         out = out.masked_fill(empty[:, :, None, None], 0.0)
     return out
+
+
+TRAINING_ATTENTION = {"sdpa": sdpa_attention, "reference": reference_attention}
+
+
+def training_backend(attention: str) -> Backend:
+    """The model's :class:`~dimple_rt.backend.Backend` for training: an autograd-capable attention ("sdpa" or
+    "reference"). Training neither fills a K/V cache nor decodes, so the cache write is the reference's and
+    there is no fused selection."""
+    return Backend(f"training-{attention}", TRAINING_ATTENTION[attention], rotate_then_copy, None)

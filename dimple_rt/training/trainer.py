@@ -28,15 +28,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dimple_rt.backend import Backend
 from dimple_rt.config import DimpleConfig
-from dimple_rt.model.backend import AttentionFn
 from dimple_rt.model.dimple import DimpleModel
 from dimple_rt.processor import ImageProcessor
 from dimple_rt.tokenizer import DimpleTokenizer
 from dimple_rt.weights import load_state_dict_into, resolve_model
 
 from . import checkpoint as ckpt
-from .attention import reference_attention, sdpa_attention
+from .attention import training_backend
 from .config import TrainConfig
 from .data import BadRecordError, Batch, ConversationDataset, GlobalOrder, SampleBuilder, collate
 from .losses import ar_loss, diffusion_loss, mask_for_diffusion
@@ -79,16 +79,16 @@ def noise_seed(seed: int, step: int, micro_batch: int) -> int:
 
 
 class TrainingModule(nn.Module):
-    """The model plus the attention function, with a forward that takes a batch's tensors and returns logits.
+    """The model plus its training Backend (the attention function), with a forward that takes a batch's tensors and returns logits.
 
     DDP and FSDP wrap this module, so the projector and the decoder both run inside the wrapped forward. The
     frozen vision tower runs without autograd.
     """
 
-    def __init__(self, model: DimpleModel, attention: AttentionFn) -> None:
+    def __init__(self, model: DimpleModel, backend: Backend) -> None:
         super().__init__()
         self.dimple = model
-        self.attention = attention
+        self.backend = backend
 
     def forward(
         self,
@@ -106,7 +106,7 @@ class TrainingModule(nn.Module):
         if pixel_values is not None:
             with torch.no_grad():
                 visual = self.dimple.visual(
-                    pixel_values.to(self.dimple.lm_head.weight.dtype), image_grid_thw, self.attention
+                    pixel_values.to(self.dimple.lm_head.weight.dtype), image_grid_thw, self.backend.attention
                 )
             projector_trains = any(p.requires_grad for p in self.dimple.img_projector.parameters())
             with nullcontext() if projector_trains else torch.no_grad():
@@ -114,7 +114,7 @@ class TrainingModule(nn.Module):
             features = features.repeat(image_repeats, 1)  # (repeats · image tokens, hidden), copy-major
         out = self.dimple(
             input_ids,
-            self.attention,
+            self.backend,
             attention_mask=attention_mask,
             position_ids=position_ids,
             image_features=features,
@@ -235,8 +235,7 @@ class Trainer:
         load_state_dict_into(model, weights_dir, dtype=torch.float32, device=self.device)
         self.trainable_names = set_trainable(model, config.stage)
         self.model = model
-        attention = sdpa_attention if config.attention == "sdpa" else reference_attention
-        self.module = self._wrap(TrainingModule(model, attention))
+        self.module = self._wrap(TrainingModule(model, training_backend(config.attention)))
         params = [p for p in model.parameters() if p.requires_grad]
         self.params = params
         self.optimizer = torch.optim.AdamW(

@@ -1,24 +1,20 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The prompt K/V cache of prefilling (Dimple spec §4.7), preallocated once per request.
+"""The per-request K/V cache of prefilling (Dimple spec §4.7), preallocated once per request.
 
 One ``(batch, capacity, kv_heads, head_dim)`` K and V buffer per decoder layer, with capacity = prompt + canvas.
-Every forward writes its tokens' rotated K and V at ``start`` (0 at step 0, then ``prompt_len − 1``) and the
-attention op reads the keys before ``start`` as the reused prefix and the rest as the current keys, straight
-from the buffer: no concatenation, no per-step allocation. Positions past the prompt are scratch, overwritten
-every step, which is the authors' append-then-crop without the copies.
+A forward given the cache and a ``start`` writes its tokens' rotated K and V at ``start`` (through the
+backend's ``kv_cache_write``) and the attention op reads the keys before ``start`` as the reused prefix and the
+rest as the current keys, straight from the buffer: no concatenation, no per-step allocation. Which span a
+forward computes is the caller's decision (the decoding loop's cache policy); the cache only holds buffers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from dimple_rt.model.rope import apply_rotary
-
-KVWriteFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], None]
-"""The ``kv_cache_write(cache_k, cache_v, k, v, cos, sin, start)`` contract (``dimple_rt.ops``)."""
+from .rope import apply_rotary
 
 
 def rotate_then_copy(
@@ -39,12 +35,14 @@ def rotate_then_copy(
 
 @dataclass
 class KVCache:
-    """layers: per decoder layer the (k, v) buffers (batch, capacity, kv_heads, head_dim); start: where the
-    current forward's tokens go (keys before it are the reused prefix); write: the backend's cache write."""
+    """layers: per decoder layer the (k, v) buffers (batch, capacity, kv_heads, head_dim)."""
 
     layers: list[tuple[torch.Tensor, torch.Tensor]]
-    start: int
-    write: KVWriteFn
+
+    @property
+    def capacity(self) -> int:
+        """Positions each buffer holds."""
+        return self.layers[0][0].shape[1] if self.layers else 0
 
     @classmethod
     def allocate(
@@ -56,11 +54,10 @@ class KVCache:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device,
-        write: KVWriteFn,
     ) -> KVCache:
         shape = (batch, capacity, num_kv_heads, head_dim)
         layers = [
             (torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
             for _ in range(num_layers)
         ]
-        return cls(layers=layers, start=0, write=write)
+        return cls(layers=layers)
