@@ -14,12 +14,13 @@ import json
 import os
 import random
 import re
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from dimple_rt.io import write_text
 
 IMAGE_SIZE = 84  # 3x3 cells of 28 px = one merged vision token each (patch 14, merge 2)
 CELL = IMAGE_SIZE // 3
@@ -213,17 +214,6 @@ def conversation(example: Example, image: object | None = None) -> list[dict]:
     return [{"role": "user", "content": content}]
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def write_split(directory: str | os.PathLike, split: str, count: int) -> Path:
     """Write ``directory/<split>.jsonl`` (dimple_rt.training's format) and its pictures under ``images/``."""
     directory = Path(directory)
@@ -244,7 +234,7 @@ def write_split(directory: str | os.PathLike, split: str, count: int) -> Path:
         record["task"] = example.task
         lines.append(json.dumps(record))
     path = directory / f"{split}.jsonl"
-    _atomic_write_text(path, "\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
     return path
 
 
