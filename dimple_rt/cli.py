@@ -19,17 +19,6 @@ from pathlib import Path
 import torch
 
 
-def _draw_demo_image():
-    """A 224x168 picture of a red circle and a blue square on white (drawn, so nothing is downloaded)."""
-    from PIL import Image, ImageDraw
-
-    image = Image.new("RGB", (224, 168), "white")
-    draw = ImageDraw.Draw(image)
-    draw.ellipse((20, 30, 100, 110), fill=(220, 30, 30))
-    draw.rectangle((130, 50, 200, 120), fill=(30, 60, 220))
-    return image
-
-
 def _run_forward(model: str, prompt: str, image: object | None, backend: str) -> None:
     from dimple_rt import Runtime
 

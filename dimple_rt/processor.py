@@ -15,7 +15,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ import numpy as np
 import PIL.Image
 import torch
 
+from .io import write_json
 from .tokenizer import IMAGE_PAD_TOKEN
 
 ImageInput = str | os.PathLike | PIL.Image.Image | np.ndarray
@@ -259,17 +259,8 @@ class ImageProcessor:
         """Write ``preprocessor_config.json`` into ``directory`` atomically (temp file, then rename)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        path = directory / PREPROCESSOR_CONFIG
-        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"  # as transformers' to_json_string
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{PREPROCESSOR_CONFIG}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-        return path
+        # indent 2, sorted keys: as transformers' to_json_string
+        return write_json(directory / PREPROCESSOR_CONFIG, self.to_dict(), indent=2, sort_keys=True)
 
     def __call__(self, images: ImageInput | Sequence[ImageInput]) -> ProcessedImages:
         """Preprocess one image or a list of them; the patches of all images are concatenated."""

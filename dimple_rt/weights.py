@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,8 +35,9 @@ import torch
 from huggingface_hub import try_to_load_from_cache
 from huggingface_hub.file_download import repo_folder_name
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
+
+from .io import write_json, write_safetensors
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INDEX_NAME = "model.safetensors.index.json"
@@ -231,18 +231,6 @@ def load_state_dict_into(
 # ---------------------------------------------------------------------------------------------------- writing
 
 
-@contextmanager
-def _atomic(path: Path) -> Iterator[Path]:
-    """Yield a hidden temporary name in ``path``'s folder; on success rename it to ``path``, so that readers
-    never see half a file. The temporary file is removed whatever happens."""
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        yield temporary
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
 def _split(state_dict: Mapping[str, torch.Tensor], max_shard_bytes: int | None) -> list[list[str]]:
     """Hugging Face's greedy split (``huggingface_hub.split_torch_state_dict_into_shards``): in order, a new
     shard when the next tensor would overflow the current one; a tensor larger than the limit is alone."""
@@ -309,17 +297,14 @@ def save_state_dict(
 
     for file_name, names in zip(file_names, shards):
         tensors = _cpu_tensors(state_dict, names)
-        with _atomic(directory / file_name) as temporary:
-            save_file(tensors, temporary, metadata=header)
+        write_safetensors(directory / file_name, tensors, metadata=header)
     if len(shards) > 1:
         index = {
             "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state_dict.values())},
             "weight_map": {name: file_name for file_name, names in zip(file_names, shards) for name in names},
         }
-        text = json.dumps(index, indent=2, sort_keys=True) + "\n"
         # The index is written last: it is what makes the new shards the checkpoint.
-        with _atomic(directory / INDEX_NAME) as temporary:
-            temporary.write_text(text, encoding="utf-8")
+        write_json(directory / INDEX_NAME, index, indent=2, sort_keys=True)
 
     stale = [INDEX_NAME] if len(shards) == 1 else [SINGLE_NAME]
     stale += [p.name for p in directory.glob("model-*-of-*.safetensors") if _SHARD_NAME.fullmatch(p.name)]

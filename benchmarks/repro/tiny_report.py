@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import statistics
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -25,19 +23,12 @@ import torch
 
 from dimple_rt import Runtime
 from dimple_rt.generation.priors import parse_template
+from dimple_rt.io import write_json, write_text
 from dimple_rt.tiny import tasks
 
 HERE = Path(__file__).resolve().parent
 CANVAS = 48  # longer than every answer (at most 36 tokens + 1 terminator)
 LONG_CANVAS = 128  # "much longer than the answer", for the length-bias experiment
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.chmod(tmp, 0o644)  # mkstemp makes it 0600
-    os.replace(tmp, path)
 
 
 def run_one(rt: Runtime, example: tasks.Example, **options: Any) -> dict[str, Any]:
@@ -344,7 +335,7 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
             f"| {k} | {s['n']} | {_pct(s['exact_rate'])} | {_pct(s['at_most_rate'])} | {_pct(s['complete_rate'])} | "
             f"{_pct(s['content_accuracy'])} | {_pct(s['ref_fits_rate'])} |"
         )
-    _atomic_write(path, "\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
 
 
 def length_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -459,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if "confident" in rows:
         plot_passes(rows["confident"], out / "tiny_passes.png")
-    _atomic_write(out / "results.json", json.dumps(results, indent=1, ensure_ascii=False) + "\n")
+    write_json(out / "results.json", results, indent=1, ensure_ascii=False)
     write_markdown(results, out / "RESULTS.md")
     timed(f"wrote {out / 'results.json'} and {out / 'RESULTS.md'}")
     return 0

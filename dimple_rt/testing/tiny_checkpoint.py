@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from dimple_rt.config import DimpleConfig, VisionConfig
+from dimple_rt.io import write_json
 from dimple_rt.model.dimple import DimpleModel
 from dimple_rt.processor import ImageProcessor
 from dimple_rt.weights import save_state_dict
@@ -100,14 +100,6 @@ def random_state_dict(config: DimpleConfig, seed: int, std: float = 0.1) -> dict
     return state
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2)
-        handle.write("\n")
-    os.replace(tmp, path)
-
-
 def write_tiny_checkpoint(
     directory: str | os.PathLike,
     *,
@@ -134,7 +126,7 @@ def write_tiny_checkpoint(
         raise ValueError(f"vocab_size {vocab_size} is smaller than the tokenizer's {needed} ids")
     vocab_size = vocab_size or needed
     config = tiny_config(special_ids, vocab_size, sizes, vision)
-    _write_json_atomic(directory / "config.json", config.to_dict())
+    write_json(directory / "config.json", config.to_dict())
     state = {name: tensor.to(dtype) for name, tensor in random_state_dict(config, seed).items()}
     save_state_dict(state, directory, max_shard_bytes=max_shard_bytes)
     if vision:

@@ -26,9 +26,10 @@ from pathlib import Path
 import torch
 
 from dimple_rt.config import DimpleConfig
+from dimple_rt.io import write_json
 from dimple_rt.model.dimple import DimpleModel
 from dimple_rt.processor import ImageProcessor
-from dimple_rt.testing.tiny_checkpoint import TinySizes, _write_json_atomic, tiny_config
+from dimple_rt.testing.tiny_checkpoint import TinySizes, tiny_config
 from dimple_rt.weights import SINGLE_NAME, save_state_dict
 
 from . import tasks
@@ -96,7 +97,7 @@ def prepare(work: Path, seed: int = 0) -> Path:
         # position (Qwen2-VL's trained ViT adds position to its features; our frozen random one does not).
         # theta 10 turns it by 0.12-0.24 rad (benchmarks/REPRODUCTION.md has the comparison).
         config.rope_theta = 10.0
-        _write_json_atomic(init / "config.json", config.to_dict())
+        write_json(init / "config.json", config.to_dict())
         ImageProcessor(min_pixels=SIZES.min_pixels, max_pixels=SIZES.max_pixels).save(init)
         state = init_state_dict(config, seed)
         save_state_dict(state, init)
@@ -148,7 +149,7 @@ def train_stage(config_name: str, init: Path, train_file: Path, output_dir: Path
     assert final is not None
     timing = output_dir / "timing.json"
     previous = json.loads(timing.read_text()) if timing.is_file() else {"seconds": 0.0}
-    _write_json_atomic(timing, {"seconds": previous["seconds"] + elapsed})
+    write_json(timing, {"seconds": previous["seconds"] + elapsed})
     return final
 
 

@@ -14,12 +14,14 @@ import json
 import os
 import random
 import re
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from dimple_rt.io import write_text
+from dimple_rt.training.synthetic import paint_shape
 
 IMAGE_SIZE = 84  # 3x3 cells of 28 px = one merged vision token each (patch 14, merge 2)
 CELL = IMAGE_SIZE // 3
@@ -102,14 +104,7 @@ def draw_scene(shapes: tuple[Shape, ...] | list[Shape]) -> Image.Image:
     for shape in shapes:
         row, col = divmod(shape.cell, 3)
         x0, y0 = col * CELL + 4, row * CELL + 4
-        x1, y1 = x0 + CELL - 8, y0 + CELL - 8
-        fill = COLOURS[shape.colour]
-        if shape.kind == "circle":
-            draw.ellipse((x0, y0, x1, y1), fill=fill)
-        elif shape.kind == "square":
-            draw.rectangle((x0 + 1, y0 + 1, x1 - 1, y1 - 1), fill=fill)
-        else:
-            draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
+        paint_shape(draw, shape.kind, (x0, y0, x0 + CELL - 8, y0 + CELL - 8), COLOURS[shape.colour])
     return image
 
 
@@ -213,17 +208,6 @@ def conversation(example: Example, image: object | None = None) -> list[dict]:
     return [{"role": "user", "content": content}]
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def write_split(directory: str | os.PathLike, split: str, count: int) -> Path:
     """Write ``directory/<split>.jsonl`` (dimple_rt.training's format) and its pictures under ``images/``."""
     directory = Path(directory)
@@ -244,7 +228,7 @@ def write_split(directory: str | os.PathLike, split: str, count: int) -> Path:
         record["task"] = example.task
         lines.append(json.dumps(record))
     path = directory / f"{split}.jsonl"
-    _atomic_write_text(path, "\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
     return path
 
 

@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from dimple_rt.weights import INDEX_NAME, SINGLE_NAME, save_state_dict
+from dimple_rt.io import write_json, write_safetensors
+from dimple_rt.weights import INDEX_NAME, save_state_dict
 
 STATE_DIR = "training_state"
 TRAINER_STATE = "trainer_state.json"
@@ -58,10 +59,6 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     return found[-1][1] if found else None
 
 
-def _write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
 def _read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
 
@@ -77,7 +74,7 @@ def copy_model_files(source: Path, target: Path, config_updates: Mapping[str, An
         if path.name == "config.json":
             config = _read_json(path)
             config.update(config_updates)
-            _write_json(target / "config.json", config)
+            write_json(target / "config.json", config, sort_keys=True)
         else:
             shutil.copy2(path, target / path.name)
 
@@ -169,16 +166,16 @@ def save_checkpoint(
         (temporary / STATE_DIR).mkdir(parents=True)
     barrier()
     rng_tensors, rng_meta = rng_state()
-    save_file(rng_tensors, temporary / STATE_DIR / f"rng-rank{rank}.safetensors")
-    _write_json(temporary / STATE_DIR / f"rng-rank{rank}.json", rng_meta)
+    write_safetensors(temporary / STATE_DIR / f"rng-rank{rank}.safetensors", rng_tensors)
+    write_json(temporary / STATE_DIR / f"rng-rank{rank}.json", rng_meta, sort_keys=True)
     if rank == 0:
         assert model_state is not None and optimizer_state is not None
         save_state_dict(model_state, temporary, max_shard_bytes=max_shard_bytes)
         copy_model_files(source_dir, temporary, config_updates)
         tensors, meta = flatten_optimizer_state(optimizer_state)
-        save_file(tensors, temporary / STATE_DIR / OPTIMIZER_TENSORS)
-        _write_json(temporary / STATE_DIR / OPTIMIZER_META, meta)
-        _write_json(temporary / STATE_DIR / TRAINER_STATE, dict(trainer_state))
+        write_safetensors(temporary / STATE_DIR / OPTIMIZER_TENSORS, tensors)
+        write_json(temporary / STATE_DIR / OPTIMIZER_META, meta, sort_keys=True)
+        write_json(temporary / STATE_DIR / TRAINER_STATE, dict(trainer_state), sort_keys=True)
     barrier()
     if rank == 0:
         if final.exists():  # the same step saved again (e.g. after a resume): replace it
@@ -219,7 +216,3 @@ def restore_rng_state(checkpoint: Path, rank: int) -> None:
     tensors_path = directory / f"rng-rank{rank}.safetensors"
     if tensors_path.is_file():
         set_rng_state(load_file(tensors_path), _read_json(directory / f"rng-rank{rank}.json"))
-
-
-def has_weights(checkpoint: Path) -> bool:
-    return (checkpoint / SINGLE_NAME).is_file() or (checkpoint / INDEX_NAME).is_file()

@@ -21,16 +21,30 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (30, 60, 220), 
 SHAPES = ("circle", "square")
 
 
+def paint_shape(
+    draw: ImageDraw.ImageDraw, kind: str, box: tuple[int, int, int, int], fill: tuple[int, int, int]
+) -> None:
+    """Paint a circle, square or triangle inside ``box`` (x0, y0, x1, y1, corners included, as PIL's).
+
+    The square keeps 1 px inside the box. dimple-tiny (:mod:`dimple_rt.tiny.tasks`) was trained on exactly these
+    pixels, so any change here changes what the shipped model sees.
+    """
+    x0, y0, x1, y1 = box
+    if kind == "circle":
+        draw.ellipse(box, fill=fill)
+    elif kind == "square":
+        draw.rectangle((x0 + 1, y0 + 1, x1 - 1, y1 - 1), fill=fill)
+    elif kind == "triangle":
+        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
+    else:
+        raise ValueError(f"unknown shape kind {kind!r}")
+
+
 def draw_shape(colour: str, shape: str, size: tuple[int, int] = (84, 56)) -> Image.Image:
     """A white picture with one shape of ``colour`` in the middle."""
     image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
     w, h = size
-    box = (w // 2 - h // 3, h // 6, w // 2 + h // 3, h - h // 6)
-    if shape == "circle":
-        draw.ellipse(box, fill=COLOURS[colour])
-    else:
-        draw.rectangle(box, fill=COLOURS[colour])
+    paint_shape(ImageDraw.Draw(image), shape, (w // 2 - h // 3, h // 6, w // 2 + h // 3, h - h // 6), COLOURS[colour])
     return image
 
 
