@@ -272,7 +272,8 @@ class DimpleConfig:
         return data
 
 
-PIPELINES = ("dim", "dream")
+PIPELINES = ("dim", "dream", "fast_dllm")
+CACHES = ("prefix", "block", "dual")
 
 ConfidenceKind = Literal["plain", "margin", "neg_entropy"]
 
@@ -354,13 +355,35 @@ class GenerationConfig:
     does (their demo passes alg_temp=0.4 with origin)."""
     threshold: float | str | None = "auto"
     """Confident decoding (Dimple's ``alg_p_threshold``): commit every position above it; None/0 disables it.
-    "auto" is 0.95 in the 'dim' pipeline and None in 'dream', which has no threshold."""
+    "auto" is 0.95 in the 'dim' pipeline, None in 'dream', which has no threshold, and 0.9 in 'fast_dllm'
+    (Fast-dLLM's default), where it is required."""
     use_original_confidence: bool = True
     """'dim': read confidences from the unfiltered, untempered softmax ('dream' always uses the filtered one)."""
     pipeline: str = "dim"
-    """'dim' (Dimple's confident decoding with early stop) or 'dream' (Dream's original schedule)."""
+    """'dim' (Dimple's confident decoding with early stop), 'dream' (Dream's original schedule) or 'fast_dllm'
+    (Fast-dLLM's block-wise threshold decoding, as its Dream ``generation_utils_block.py``): the canvas is
+    decoded block by block (``block_length``); a block's first step commits its first masked position,
+    every later step its most confident masked position plus every other one whose confidence (of the
+    filtered, tempered distribution) is >= ``threshold``; a block ends when it has no mask, so ``steps`` is
+    not used. Per-sequence decisions only; ``alg`` picks the confidence (maskgit_plus is Fast-dLLM's)."""
     prefill: bool = True
-    """Reuse the prompt K/V computed at step 0 (Dimple's ``use_cache``, an approximation the paper measures)."""
+    """Reuse the prompt K/V computed at step 0 (Dimple's ``use_cache``, an approximation the paper measures).
+    False computes every position at every step (and allows only ``cache="prefix"``, meaning no cache)."""
+    cache: str = "prefix"
+    """Which K/V a step reuses. 'prefix': Dimple's prompt cache (``prefill``; exact when prefill=False).
+    'fast_dllm' only: 'block' (Fast-dLLM's PrefixCache: each block starts with a full forward that refreshes
+    every K/V, then a step computes the block and everything after it over the prefix K/V frozen at the
+    refresh) or 'dual' (Fast-dLLM's DualCache: a step computes only the block, over the prefix and the
+    suffix frozen at the refresh, and overwrites the block's K/V in place). Both are approximations."""
+    block_length: int | None = None
+    """'fast_dllm': canvas positions per block (the last block may be shorter); None is one block."""
+    refresh_every: int | None = None
+    """'block'/'dual' caches: also refresh every K/V with a full forward every this many steps inside a block
+    (a refresh is a decoding step too); None refreshes only at block starts, as Fast-dLLM."""
+    early_stop: bool = False
+    """'fast_dllm': once a finished block holds ``<|endoftext|>``, every later position of that sequence is
+    set to ``<|endoftext|>`` instead of decoded (Dimple pads answers with it), and decoding ends when no mask
+    is left. Not in Fast-dLLM; it changes the answer only if the model would write text after its end."""
     seed: int | None = None
     """Seed of a private RNG stream, in [0, 2**64); None: torch's global RNG, as the authors' code."""
     batch_coupled: bool = False
@@ -395,7 +418,7 @@ class GenerationConfig:
         if self.pipeline == "dream" and self.alg == "origin-ratio":
             raise ValueError("alg 'origin-ratio' exists only in the 'dim' pipeline")
         if self.threshold == "auto":
-            self.threshold = 0.95 if self.pipeline == "dim" else None
+            self.threshold = {"dim": 0.95, "dream": None, "fast_dllm": 0.9}[self.pipeline]
         if self.threshold is not None:
             if isinstance(self.threshold, str):
                 raise ValueError(f"threshold must be None, 'auto' or a number in [0, 1], got {self.threshold!r}")
@@ -411,6 +434,37 @@ class GenerationConfig:
             )
         if self.seed is not None:
             check_int("seed", self.seed, 0, 2**64 - 1)
-        for name in ("use_original_confidence", "prefill", "batch_coupled", "validate_categorical", "return_history"):
+        flags = ("use_original_confidence", "prefill", "batch_coupled", "validate_categorical", "return_history")
+        for name in (*flags, "early_stop"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        self._check_blocks()
+
+    def _check_blocks(self) -> None:
+        """The block options: valid alone, and only where the pipeline and the cache can take them."""
+        if self.cache not in CACHES:
+            raise ValueError(f"cache must be one of {CACHES}, got {self.cache!r}")
+        if self.block_length is not None:
+            check_int("block_length", self.block_length, 1, MAX_NEW_TOKENS)
+        if self.refresh_every is not None:
+            check_int("refresh_every", self.refresh_every, 1, MAX_STEPS)
+        if self.pipeline != "fast_dllm":
+            for name, off in (("cache", "prefix"), ("block_length", None), ("early_stop", False)):
+                if getattr(self, name) != off:
+                    raise ValueError(f"{name}={getattr(self, name)!r} needs pipeline='fast_dllm'")
+        else:
+            if self.threshold is None:
+                raise ValueError("the 'fast_dllm' pipeline needs a threshold in (0, 1] (its default is 0.9)")
+            if ALG_CONFIDENCE[self.alg] == "plain" and self.alg != "maskgit_plus":
+                raise ValueError(
+                    f"alg {self.alg!r} has no confidence ranking: 'fast_dllm' takes maskgit_plus (Fast-dLLM's), "
+                    "topk_margin or entropy"
+                )
+            if self.alg_temp:
+                raise ValueError("alg_temp has no meaning in the 'fast_dllm' pipeline (it never draws positions)")
+            if self.batch_coupled:
+                raise ValueError("the 'fast_dllm' pipeline decides per sequence: pass batch_coupled=False")
+        if self.cache != "prefix" and not self.prefill:
+            raise ValueError(f"cache={self.cache!r} reuses K/V: it cannot be combined with prefill=False")
+        if self.refresh_every is not None and self.cache == "prefix":
+            raise ValueError("refresh_every needs cache='block' or 'dual'")

@@ -135,6 +135,56 @@ def _groups(row_ids: torch.Tensor, num_total_mask: list[int], coupled: bool) -> 
     return [(row, end - start, num_total_mask[row]) for row, start, end in row_segments(row_ids)]
 
 
+def _select(
+    select: SelectFn,
+    rows: torch.Tensor,
+    ids: torch.Tensor,
+    n: list[int],
+    threshold: float | None,
+    options: GenerationConfig,
+    streams: Streams,
+    use_original: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One ``confident_select`` call over masked rows ``rows (N, V)`` with the request's sampling options:
+    ``(x0, confidence, commit)``, n per decision group, uniforms drawn from the request's streams."""
+    uniforms = _uniforms(ids, options.batch_coupled, streams) if options.temperature > 0 else None
+    return select(
+        rows,
+        ids,
+        torch.tensor(n, dtype=torch.long, device=rows.device),
+        temperature=options.temperature,
+        top_p=options.top_p,
+        top_k=options.top_k,
+        uniforms=uniforms,
+        confidence=ALG_CONFIDENCE[options.alg],
+        use_original_confidence=use_original,
+        threshold=threshold,
+        batch_coupled=options.batch_coupled,
+    )
+
+
+def block_step(
+    select: SelectFn | None,
+    mask_logits: torch.Tensor,
+    row_ids: torch.Tensor,
+    batch: int,
+    options: GenerationConfig,
+    streams: Streams,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 'fast_dllm' decision over a block's candidate rows: per sequence its most confident candidate (ties
+    to the lowest position) plus every other whose confidence is >= the threshold (Fast-dLLM's rule). Tokens
+    and confidences come from the filtered, tempered distribution, as in its ``sample_tokens``; ``select`` is
+    the fused op, or None for the reference's :func:`sample_tokens`."""
+    if select is None:
+        confidence, x0 = _sample(mask_logits, row_ids, options, False, streams)
+    else:
+        x0, confidence, _ = _select(select, mask_logits, row_ids, [0] * batch, None, options, streams, False)
+    commit = confidence >= options.threshold
+    for _, start, end in row_segments(row_ids):
+        commit[start + int(torch.argmax(confidence[start:end]))] = True  # argmax: the first of equal maxima
+    return commit, x0
+
+
 def fused_step(
     select: SelectFn,
     mask_logits: torch.Tensor,
@@ -150,20 +200,7 @@ def fused_step(
     dim = options.pipeline == "dim"
 
     def run(rows: torch.Tensor, ids: torch.Tensor, n: list[int], threshold: float | None):
-        uniforms = _uniforms(ids, coupled, streams) if options.temperature > 0 else None
-        return select(
-            rows,
-            ids,
-            torch.tensor(n, dtype=torch.long, device=rows.device),
-            temperature=options.temperature,
-            top_p=options.top_p,
-            top_k=options.top_k,
-            uniforms=uniforms,
-            confidence=ALG_CONFIDENCE[options.alg],
-            use_original_confidence=options.use_original_confidence and dim,
-            threshold=threshold,
-            batch_coupled=coupled,
-        )
+        return _select(select, rows, ids, n, threshold, options, streams, options.use_original_confidence and dim)
 
     none = [0] * groups
     if not dim and options.alg in DREAM_PRESELECT_ALGS:

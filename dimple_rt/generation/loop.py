@@ -23,7 +23,7 @@ from dimple_rt.model.dimple import DimpleModel
 from dimple_rt.model.kv_cache import KVCache
 from dimple_rt.model.rope import get_rope_index
 
-from .decide import fused_step, make_streams, reference_step
+from .decide import block_step, fused_step, make_streams, reference_step
 from .schedule import StepInputs, masked_row_ids, timesteps
 
 
@@ -81,6 +81,74 @@ def _check_finite(mask_logits: torch.Tensor, step: int) -> None:
         )
 
 
+@dataclass(frozen=True)
+class Span:
+    """The positions one forward computes: ``[start, end)``, over the cached prefix ``[0, start)`` and, with a
+    dual cache, the cached suffix ``[end, end + suffix)``."""
+
+    start: int
+    end: int
+    suffix: int = 0
+
+
+class Blocks:
+    """Fast-dLLM's semi-autoregressive blocks over the canvas, decoded in lockstep by the whole batch: the
+    current block is the first one in which some sequence still has a mask (rows already done with it wait,
+    committing nothing, so a row's tokens do not depend on its companions)."""
+
+    def __init__(self, prompt_len: int, total: int, block_length: int | None) -> None:
+        length = block_length or total - prompt_len
+        self.bounds = [(s, min(s + length, total)) for s in range(prompt_len, total, length)]
+        self.index = -1
+        self.step = 0  # steps taken in the current block
+
+    def advance(self, masks: torch.Tensor) -> tuple[int, int] | None:
+        """Move to the block of the next step given ``masks (B, total)``; None when no mask is left."""
+        for index, (start, end) in enumerate(self.bounds):
+            if bool(masks[:, start:end].any()):
+                self.step = self.step + 1 if index == self.index else 0
+                self.index = index
+                return start, end
+        return None
+
+
+def _plan(options: GenerationConfig, first: bool, keep: int, total: int, blocks: Blocks | None) -> Span:
+    """Where the next forward starts and ends, by cache policy (``GenerationConfig.cache``)."""
+    if options.cache == "prefix":
+        return Span(keep if options.prefill and not first else 0, total)
+    assert blocks is not None
+    start, end = blocks.bounds[blocks.index]
+    every = options.refresh_every
+    if blocks.step == 0 or (every is not None and blocks.step % every == 0):
+        return Span(0, total)  # a refresh: every position's K/V recomputed and cached
+    if options.cache == "block":
+        return Span(start, total)
+    return Span(start, end, total - end)
+
+
+def _candidates(masks: torch.Tensor, span: Span, blocks: Blocks | None) -> torch.Tensor:
+    """(B, len) bool: the masked positions of the span this step may commit. Without blocks every masked one;
+    in a block only its masked positions, and on the block's first step only each row's first one."""
+    if blocks is None:
+        return masks
+    start, end = blocks.bounds[blocks.index]
+    allowed = torch.zeros_like(masks)
+    allowed[:, max(start - span.start, 0) : end - span.start] = True
+    candidates = masks & allowed
+    if blocks.step == 0:
+        first = candidates.cumsum(dim=1) == 1
+        candidates &= first
+    return candidates
+
+
+def _stop_after_eos(ids: torch.Tensor, mask_id: int, eos_id: int, prompt_len: int, end: int) -> None:
+    """Early stop: a row that holds <|endoftext|> before ``end`` and has no mask left before it gets
+    <|endoftext|> in every later masked position (in place)."""
+    done = ~(ids[:, prompt_len:end] == mask_id).any(dim=1) & (ids[:, prompt_len:end] == eos_id).any(dim=1)
+    later = ids[:, end:]
+    later[done[:, None] & (later == mask_id)] = eos_id
+
+
 def denoise(
     model: DimpleModel,
     backend: Backend,
@@ -91,7 +159,9 @@ def denoise(
 ) -> Iterator[Step]:
     """Run the step loop of ``options`` on ``request``, yielding after every executed step.
 
-    ``backend`` supplies attention, the prefill cache write and the step decision (fused op or reference).
+    ``backend`` supplies attention, the cache write and the step decision (fused op or reference). Each step
+    runs one forward over the span its cache policy plans (:func:`_plan`), decides over the candidate masked
+    positions (:func:`_candidates`) and writes the committed tokens back.
     Hooks have the authors' signatures: ``tokens_hook(step, x, logits) -> x`` (also once with step None on the
     full initial sequences, the structure-prior entry point) and ``logits_hook(step, x, logits) -> logits``,
     where x is (batch, total) for a full forward and (batch, max_new_tokens + 1) for a prefilled one.
@@ -105,8 +175,11 @@ def denoise(
         raise ValueError("the prompt must hold at least one token")
     if bool((input_ids == mask_id).any()):
         raise ValueError("the prompt contains <|mask|> tokens: only the response canvas may hold masks")
+    if options.cache != "prefix" and (tokens_hook is not None or logits_hook is not None):
+        raise ValueError(f"cache={options.cache!r} computes part of the canvas per step: hooks need full logits")
 
     ids = torch.cat([input_ids, request.canvas.to(device)], dim=1)  # (B, total)
+    total = ids.shape[1]
     attention_mask = torch.cat([request.attention_mask.to(device), torch.ones_like(request.canvas)], dim=1)
     if tokens_hook is not None:
         hooked = tokens_hook(None, ids.clone(), None)
@@ -122,30 +195,35 @@ def denoise(
     cache = None
     if options.prefill:
         cache = KVCache.allocate(
-            config.num_hidden_layers, batch, ids.shape[1], config.num_key_value_heads, config.head_dim,
+            config.num_hidden_layers, batch, total, config.num_key_value_heads, config.head_dim,
             model.lm_head.weight.dtype, device,
         )  # fmt: skip
+    blocks = Blocks(prompt_len, total, options.block_length) if options.pipeline == "fast_dllm" else None
+    # fast_dllm commits at least one position per sequence with masks per step, so the canvas bounds its steps.
+    limit = total - prompt_len if blocks is not None else options.steps
 
-    start = 0  # where this step's forward begins: 0, or with prefilling ``keep`` after step 0
-    for i in range(options.steps):
-        prefilled = start > 0
-        x = ids[:, start:].clone()  # (B, len): the full sequence, or the last prompt token + canvas
-        mask_index = x == mask_id  # (B, len)
-        if bool(mask_index[:, 0].any()):
+    for i in range(limit):
+        if blocks is not None and blocks.advance(ids == mask_id) is None:
+            break
+        span = _plan(options, i == 0, keep, total, blocks)
+        x = ids[:, span.start : span.end].clone()  # (B, len)
+        candidates = _candidates(x == mask_id, span, blocks)  # (B, len)
+        if bool((x[:, 0] == mask_id).any()):
             raise ValueError("the first token of a forward must not be a mask")
         rows = None
         if not full_logits:
-            rows = torch.zeros_like(mask_index)
-            rows[:, :-1] = mask_index[:, 1:]  # output p - 1 predicts position p
+            rows = torch.zeros_like(candidates)
+            rows[:, :-1] = candidates[:, 1:]  # output p - 1 predicts position p
         out = model(
             x,
             backend,
             attention_mask=attention_mask,
-            position_ids=position_ids[:, :, start:],
-            image_features=None if prefilled else request.image_features,
-            image_mask=image_mask[:, start:],
+            position_ids=position_ids[:, :, span.start : span.end],
+            image_features=request.image_features if span.start == 0 else None,
+            image_mask=image_mask[:, span.start : span.end],
             cache=cache,
-            cache_start=start,
+            cache_start=span.start,
+            cache_suffix=span.suffix,
             logits_rows=rows,
         )
         logits = None
@@ -153,27 +231,30 @@ def denoise(
             logits = torch.cat([out.logits[:, :1], out.logits[:, :-1]], dim=1)  # (B, len, V), shifted
             if logits_hook is not None:
                 logits = logits_hook(i, x, logits)
-            mask_logits = logits[mask_index]  # (N, V), row-major over (batch, position)
+            mask_logits = logits[candidates]  # (N, V), row-major over (batch, position)
         else:
             mask_logits = out.logits[0]  # (N, V), the same rows in the same order
         _check_finite(mask_logits, i)
 
-        row_ids = masked_row_ids(mask_index)
-        inputs = StepInputs(i, schedule)
-        if backend.confident_select is None:
-            commit, x0 = reference_step(mask_logits, row_ids, num_total_mask, inputs, options, streams)
+        row_ids = masked_row_ids(candidates)
+        if blocks is not None:
+            commit, x0 = block_step(backend.confident_select, mask_logits, row_ids, batch, options, streams)
+        elif backend.confident_select is None:
+            commit, x0 = reference_step(mask_logits, row_ids, num_total_mask, StepInputs(i, schedule), options, streams)
         else:
             commit, x0 = fused_step(
-                backend.confident_select, mask_logits, row_ids, num_total_mask, inputs, options, streams
-            )
-        x[mask_index] = torch.where(commit, x0, torch.full_like(x0, mask_id))
+                backend.confident_select, mask_logits, row_ids, num_total_mask, StepInputs(i, schedule), options,
+                streams,
+            )  # fmt: skip
+        x[candidates] = torch.where(commit, x0, torch.full_like(x0, mask_id))
         if tokens_hook is not None:
             hooked = tokens_hook(i, x.clone(), logits)
-            _check_tokens(hooked, x, 1 if prefilled else prompt_len, vocab_size, f"tokens_hook({i}, ...)")
+            fixed = max(prompt_len - span.start, 0)
+            _check_tokens(hooked, x, fixed, vocab_size, f"tokens_hook({i}, ...)")
             x = hooked
-        ids[:, keep:] = x[:, keep - start :]
-        if cache is not None:
-            start = keep  # keep the prompt's K/V but its last token's; later steps overwrite the rest
+        ids[:, span.start : span.end] = x
+        if blocks is not None and options.early_stop:
+            _stop_after_eos(ids, mask_id, config.pad_token_id, prompt_len, blocks.bounds[blocks.index][1])
         yield Step(step=i, sequences=ids.clone(), committed=int(commit.sum()))
         if options.pipeline == "dim" and not bool((ids == mask_id).any()):
             break

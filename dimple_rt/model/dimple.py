@@ -104,15 +104,17 @@ class DimpleModel(nn.Module):
         image_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         cache_start: int = 0,
+        cache_suffix: int = 0,
         logits_rows: torch.Tensor | None = None,
         causal: bool | None = None,
     ) -> ForwardOutput:
         """One forward of the current tokens ``input_ids (batch, len)``.
 
-        attention_mask: (batch, prefix_len + len) 0/1 over the prefix and the current tokens.
-        position_ids: (3, batch, len); computed with :func:`get_rope_index` when None (only valid without
-        a prefix). backend: the attention and cache-write implementations. cache: the prefill cache; this
-        call's tokens are written at ``cache_start`` and the keys before it are the prefix. image_features:
+        attention_mask: (batch, prefix_len + len + suffix_len) 0/1 over the prefix, the current tokens and the
+        suffix. position_ids: (3, batch, len); computed with :func:`get_rope_index` when None (only valid without
+        a prefix). backend: the attention and cache-write implementations. cache: the K/V cache; this
+        call's tokens are written at ``cache_start``, the keys before it are the prefix and the ``cache_suffix``
+        cached keys right after this call's tokens are the suffix (the dual cache). image_features:
         from :meth:`encode_images`, scattered over ``image_mask`` (default: the ``<|image_pad|>`` ids).
         logits_rows: optional bool (batch, len): only those rows go through the LM head, returned as
         (1, rows, vocab) in row-major order.
@@ -135,6 +137,7 @@ class DimpleModel(nn.Module):
             backend=backend,
             cache=cache,
             cache_start=cache_start,
+            cache_suffix=cache_suffix,
         )
         hidden = self.model(embeds, ctx)  # (B, L, hidden)
         if logits_rows is not None:

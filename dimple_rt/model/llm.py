@@ -28,9 +28,10 @@ class AttentionInputs:
     """Per-forward attention context shared by all layers.
 
     cos/sin: (batch, len, head_dim) rotary tables of the current tokens; key_mask: bool
-    (batch, prefix_len + len) or None (every token real); causal: AR training stages; backend: attention and
-    cache write; cache: the prefill cache, or None; cache_start: where this forward's K/V go in it (the keys
-    before it are the prefix).
+    (batch, prefix_len + len + suffix_len) or None (every token real); causal: AR training stages; backend:
+    attention and cache write; cache: the per-request K/V cache, or None; cache_start: where this forward's K/V
+    go in it (the keys before it are the prefix); cache_suffix: how many cached positions right after this
+    forward's tokens are attended too (the dual cache's suffix), 0 for none.
     """
 
     cos: torch.Tensor
@@ -40,6 +41,7 @@ class AttentionInputs:
     backend: Backend
     cache: KVCache | None = None
     cache_start: int = 0
+    cache_suffix: int = 0
 
 
 class DecoderAttention(nn.Module):
@@ -65,15 +67,22 @@ class DecoderAttention(nn.Module):
         v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)  # (B, L, Hkv, D)
         q = apply_rotary(q, ctx.cos, ctx.sin)
         prefix_k = prefix_v = None
+        suffix: dict[str, torch.Tensor] = {}  # the dual cache's (B, S, Hkv, D) suffix views, when it has one
         if ctx.cache is None:
             k = apply_rotary(k, ctx.cos, ctx.sin)
         else:
             start, (cache_k, cache_v) = ctx.cache_start, ctx.cache.layers[layer_index]
+            end = start + length
             ctx.backend.kv_cache_write(cache_k, cache_v, k, v, ctx.cos, ctx.sin, start)
-            k, v = cache_k[:, start : start + length], cache_v[:, start : start + length]  # (B, L, Hkv, D) views
+            k, v = cache_k[:, start:end], cache_v[:, start:end]  # (B, L, Hkv, D) views
             if start:
                 prefix_k, prefix_v = cache_k[:, :start], cache_v[:, :start]  # (B, start, Hkv, D) views
-        out = ctx.backend.attention(q, k, v, prefix_k, prefix_v, ctx.key_mask, None, ctx.causal)  # (B, L, H, D)
+            if ctx.cache_suffix:
+                suffix_end = end + ctx.cache_suffix
+                suffix["suffix_k"], suffix["suffix_v"] = cache_k[:, end:suffix_end], cache_v[:, end:suffix_end]
+        out = ctx.backend.attention(
+            q, k, v, prefix_k, prefix_v, ctx.key_mask, None, ctx.causal, **suffix
+        )  # (B, L, H, D)
         return self.o_proj(out.reshape(batch, length, self.num_heads * self.head_dim))
 
 
