@@ -429,3 +429,23 @@ def test_build_time_bad_records_keep_the_resume_exact(setup: dict[str, Path], tm
     assert [m["skipped_records"] for m in straight] == [1, 1, 2, 2]
     for key in ("loss", "grad_norm", "lr", "skipped_records"):
         assert [m[key] for m in head + tail] == [m[key] for m in straight], key
+
+
+def test_unreadable_config_files_are_named(tmp_path: Path) -> None:
+    path = tmp_path / "c.json"
+    path.write_bytes(b'{"init_model": "\xff"}')
+    with pytest.raises(TrainConfigError, match=rf"^{re.escape(str(path))}: not valid UTF-8"):
+        TrainConfig.from_file(path)
+    with pytest.raises(TrainConfigError, match=rf"^{re.escape(str(tmp_path))}: not a regular file"):
+        TrainConfig.from_file(tmp_path)
+
+
+def test_odd_image_paths_are_bad_records(setup: dict[str, Path]) -> None:
+    def record(image: str) -> bytes:
+        messages = [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "A"}]
+        return json.dumps({"messages": messages, "images": [image]}).encode()
+
+    path = _records_file(setup, "paths.jsonl", [record("a\0b.png"), record("x" * 5000 + ".png"), record("images")])
+    records, bad = read_records(path, "skip")
+    assert records == [] and [err.source for err in bad] == [f"{path}:{n}" for n in (1, 2, 3)]
+    assert "NUL" in bad[0].reason and "image file not found" in bad[2].reason

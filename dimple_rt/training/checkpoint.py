@@ -262,9 +262,11 @@ def validate_trainer_state(state: Any, path: Path) -> dict[str, Any]:
     missing = [name for name in required if name not in state]
     if missing:
         raise fail(f"missing field(s) {', '.join(missing)}")
-    for name, low in (("step", 0), ("position", 0), ("skipped_records", 0), ("global_batch", 1), ("world_size", 1)):
-        if not _is_int(state[name], low):
-            raise fail(f"{name} must be an integer in [{low}, {MAX_STEP}], got {state[name]!r}")
+    ranges = {"step": (0, MAX_STEP), "position": (0, 2**62), "skipped_records": (0, 2**62)}
+    ranges.update(global_batch=(1, 2**40), world_size=(1, 2**20))
+    for name, (low, high) in ranges.items():
+        if not _is_int(state[name], low, high):
+            raise fail(f"{name} must be an integer in [{low}, {high}], got {state[name]!r}")
     if state["stage"] not in STAGES:
         raise fail(f"stage must be one of {STAGES}, got {state['stage']!r}")
     if state["position"] != state["step"] * state["global_batch"]:

@@ -241,7 +241,12 @@ class TrainConfig:
     def from_file(cls, path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> TrainConfig:
         """Read a ``.json`` (or ``.yaml``/``.yml``, which needs PyYAML) config, then apply ``overrides``."""
         path = Path(path)
-        text = path.read_text(encoding="utf-8")
+        if not path.is_file():  # a folder, or a FIFO that would block
+            raise TrainConfigError(f"{path}: not a regular file")
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise TrainConfigError(f"{path}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
         if path.suffix in (".yaml", ".yml"):
             try:
                 import yaml
@@ -254,7 +259,7 @@ class TrainConfig:
         else:
             try:
                 data = json.loads(text)
-            except json.JSONDecodeError as err:
+            except (json.JSONDecodeError, RecursionError) as err:
                 raise TrainConfigError(f"{path}: not valid JSON: {err}") from None
         if not isinstance(data, dict):
             raise TrainConfigError(f"{path}: a training config must be a mapping")

@@ -163,7 +163,10 @@ def _check_record(data: Any, source: str, base: Path, forbidden: Sequence[str] =
         if "\0" in image:
             raise BadRecordError(source, f"image path {number} holds a NUL character")
     paths = [Path(p) if os.path.isabs(p) else base / p for p in images]
-    missing = [str(p) for p in paths if not p.is_file()]
+    try:
+        missing = [str(p) for p in paths if not p.is_file()]
+    except OSError as err:  # a name too long, a permission error on a folder on the way
+        raise BadRecordError(source, f"cannot check image path: {err}") from None
     if missing:
         raise BadRecordError(source, f"image file not found: {', '.join(missing)}")
     return Record(source, [{"role": m["role"], "content": m["content"]} for m in messages], paths)
@@ -235,9 +238,13 @@ class SampleBuilder:
         added = tokenizer.backend_tokenizer.get_added_tokens_decoder()
         specials |= {token.content for token in added.values() if token.special}
         specials |= set(tokenizer.special_tokens_map.values())
-        self.special_ids = {token: tokenizer.convert_tokens_to_ids(token) for token in sorted(specials)}
-        self._special_split = re.compile("(" + "|".join(map(re.escape, sorted(specials, key=len, reverse=True))) + ")")
-        self.forbidden = tuple(sorted(specials))
+        backend = tokenizer.backend_tokenizer
+        # A text-only tokenizer may lack the vision tokens: only the ones it has can be placed or typed.
+        self.special_ids = {token: backend.token_to_id(token) for token in sorted(specials)}
+        self.special_ids = {token: i for token, i in self.special_ids.items() if token and i is not None}
+        alternatives = "|".join(map(re.escape, sorted(self.special_ids, key=len, reverse=True)))
+        self._special_split = re.compile(f"({alternatives})") if alternatives else None
+        self.forbidden = tuple(sorted(self.special_ids))
         """Special token strings: a record that holds one is bad; the system prompt may not hold one."""
         for token in self.forbidden:
             if token in system_prompt:
@@ -283,6 +290,8 @@ class SampleBuilder:
 
     def encode_template(self, text: str) -> list[int]:
         """Ids of ``text`` built by this class: its special tokens by id, the text between them by BPE."""
+        if self._special_split is None:
+            return self.tokenizer.encode(text)
         ids: list[int] = []
         for piece in self._special_split.split(text):
             if piece in self.special_ids:
@@ -332,7 +341,7 @@ class SampleBuilder:
 
     def _check_sample(self, input_ids: list[int], image_tokens: int, source: str) -> None:
         """What the forward needs of a sample: one <|image_pad|> per image feature, ids within the vocabulary."""
-        found = input_ids.count(self.special_ids[IMAGE_PAD_TOKEN])
+        found = input_ids.count(self.special_ids[IMAGE_PAD_TOKEN]) if IMAGE_PAD_TOKEN in self.special_ids else 0
         if found != image_tokens:
             raise BadRecordError(source, f"{found} <|image_pad|> tokens but the images give {image_tokens} features")
         if self.vocab_size is not None and input_ids and max(input_ids) >= self.vocab_size:
