@@ -449,3 +449,12 @@ def test_odd_image_paths_are_bad_records(setup: dict[str, Path]) -> None:
     records, bad = read_records(path, "skip")
     assert records == [] and [err.source for err in bad] == [f"{path}:{n}" for n in (1, 2, 3)]
     assert "NUL" in bad[0].reason and "image file not found" in bad[2].reason
+
+
+def test_an_output_dir_that_is_a_file_is_refused_before_the_run(setup: dict[str, Path], tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(TrainConfigError, match="exists but is not a folder"):
+        Trainer(_config(setup, tmp_path / "file"))
+    (tmp_path / "out" / METRICS_FILE).mkdir(parents=True)
+    with pytest.raises(TrainConfigError, match="metrics.jsonl exists but is not a file"):
+        Trainer(_config(setup, tmp_path / "out"))

@@ -17,11 +17,9 @@ import json
 import logging
 import os
 import shutil
-import signal
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +38,9 @@ from . import checkpoint as ckpt
 from .attention import reference_attention, sdpa_attention
 from .config import TrainConfig, TrainConfigError
 from .data import BadRecordError, Batch, ConversationDataset, GlobalOrder, SampleBuilder, collate
+from .distributed import init_distributed
 from .losses import ar_loss, diffusion_loss, mask_for_diffusion
+from .signals import StopFlag, sigterm_to
 
 logger = logging.getLogger(__name__)
 
@@ -124,74 +124,6 @@ class TrainingModule(nn.Module):
         return out.logits
 
 
-@dataclass
-class DistContext:
-    """Where this process sits in the run."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    reduce_device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    """Where all_reduce tensors live: the GPU under nccl, the CPU under gloo."""
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.enabled:
-            dist.barrier()
-
-    def all_reduce(self, values: list[float], op: str = "sum") -> list[float]:
-        """Sum (or max) of a few floats over the ranks, in float64."""
-        if not self.enabled:
-            return values
-        tensor = torch.tensor(values, dtype=torch.float64, device=self.reduce_device)
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-        return tensor.tolist()
-
-
-def init_distributed(device_kind: str) -> DistContext:
-    """Join the torchrun process group when WORLD_SIZE > 1 (gloo on CPU, nccl on GPU)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        return DistContext()
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    reduce_device = torch.device("cuda", local_rank) if device_kind == "cuda" else torch.device("cpu")
-    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, reduce_device)
-
-
-class _StopFlag:
-    """Set by SIGTERM (or a caller); the loop checkpoints and returns at the end of the current step."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.signal: int | None = None
-
-    def handle(self, signum: int, _frame: Any) -> None:
-        self.requested = True
-        self.signal = signum
-
-
-@contextmanager
-def _sigterm_to(flag: _StopFlag) -> Iterator[None]:
-    try:
-        previous = signal.signal(signal.SIGTERM, flag.handle)
-    except ValueError:  # not the main thread: no handler can be installed, run without one
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 class Trainer:
     """Builds everything a run needs from a :class:`TrainConfig`; :meth:`train` runs it."""
 
@@ -210,7 +142,7 @@ class Trainer:
             bf16 = config.precision == "bf16"
         self.autocast_dtype = torch.bfloat16 if bf16 else None
         self.output_dir = Path(config.output_dir)
-        self.stop = _StopFlag()
+        self.stop = StopFlag()
 
         self.source_dir = resolve_model(config.init_model)
         self.model_config = DimpleConfig.from_json_file(self.source_dir / "config.json")
@@ -276,6 +208,9 @@ class Trainer:
         unless overwrite_output_dir): all of them for a fresh start or a resume from elsewhere, the ones after
         the resume point otherwise. Checked before the model is loaded."""
         value = self.config.resume_from
+        for path, kind in ((self.output_dir, "a folder"), (self.output_dir / METRICS_FILE, "a file")):
+            if path.exists() and not (path.is_dir() if kind == "a folder" else path.is_file()):
+                raise TrainConfigError(f"{path} exists but is not {kind}: output_dir must be a folder this run can use")
         existing = ckpt.list_checkpoints(self.output_dir, complete_only=False)
         if value == "none":
             resume = None
@@ -554,7 +489,7 @@ class Trainer:
             self._prepare_output_dir()
         self.dist.barrier()
         self.module.train()
-        with _sigterm_to(self.stop):
+        with sigterm_to(self.stop):
             while self.step < config.max_steps:
                 metrics = self.train_step()
                 history.append(metrics)
