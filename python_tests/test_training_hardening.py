@@ -458,3 +458,13 @@ def test_an_output_dir_that_is_a_file_is_refused_before_the_run(setup: dict[str,
     (tmp_path / "out" / METRICS_FILE).mkdir(parents=True)
     with pytest.raises(TrainConfigError, match="metrics.jsonl exists but is not a file"):
         Trainer(_config(setup, tmp_path / "out"))
+
+
+def test_text_only_records_are_bad_records_of_the_align_stage(setup: dict[str, Path], tmp_path: Path) -> None:
+    data = _records_file(setup, "align.jsonl", [_record(), *setup["data"].read_bytes().splitlines()])
+    config = _config(setup, tmp_path, train_file=str(data), stage="align", shuffle=False, per_device_batch_size=1)
+    trainer = Trainer(config)
+    reasons = [err.reason for err in trainer.dataset.bad_records]
+    assert reasons and all("no image: the align stage" in reason for reason in reasons)
+    assert trainer.dataset.bad_records[0].source == f"{data}:1"
+    assert len(trainer.train(stop_after=2)) == 2

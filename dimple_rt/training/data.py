@@ -124,10 +124,13 @@ def _check_text(text: str, where: str, source: str, forbidden: Sequence[str]) ->
             )
 
 
-def _check_record(data: Any, source: str, base: Path, forbidden: Sequence[str] = ()) -> Record:
+def _check_record(
+    data: Any, source: str, base: Path, forbidden: Sequence[str] = (), require_images: bool = False
+) -> Record:
     """The structural checks that need no image decoding; raise BadRecordError naming the problem.
 
-    ``forbidden``: the tokenizer's special token strings, which no message may contain."""
+    ``forbidden``: the tokenizer's special token strings, which no message may contain. ``require_images``:
+    a record without images is bad (the align stage trains only the projector: it would have no gradient)."""
     if not isinstance(data, dict):
         raise BadRecordError(source, f"expected a JSON object, got {type(data).__name__}")
     messages = data.get("messages")
@@ -158,6 +161,8 @@ def _check_record(data: Any, source: str, base: Path, forbidden: Sequence[str] =
         raise BadRecordError(source, "no assistant turn: nothing to train on")
     if placeholders != len(images):
         raise BadRecordError(source, f"{placeholders} {IMAGE_PLACEHOLDER} placeholders but {len(images)} images")
+    if require_images and not images:
+        raise BadRecordError(source, "no image: the align stage trains only the image projector")
     for number, image in enumerate(images):
         _check_text(image, f"image path {number}", source, ())
         if "\0" in image:
@@ -173,12 +178,12 @@ def _check_record(data: Any, source: str, base: Path, forbidden: Sequence[str] =
 
 
 def read_records(
-    path: str | os.PathLike, on_bad_record: str = "error", forbidden: Sequence[str] = ()
+    path: str | os.PathLike, on_bad_record: str = "error", forbidden: Sequence[str] = (), require_images: bool = False
 ) -> tuple[list[Record], list[BadRecordError]]:
     """Parse and check every line of a JSONL file (blank lines are skipped; a UTF-8 BOM is allowed).
 
     With ``on_bad_record="error"`` the first bad line raises; with ``"skip"`` bad lines are logged and
-    returned as the second value. ``forbidden``: special token strings no message may contain.
+    returned as the second value. ``forbidden`` and ``require_images``: see :func:`_check_record`.
     """
     if on_bad_record not in ("skip", "error"):
         raise ValueError(f"on_bad_record must be 'skip' or 'error', got {on_bad_record!r}")
@@ -205,7 +210,7 @@ def read_records(
                     raise BadRecordError(source, f"not valid JSON ({err})") from None
                 except RecursionError:
                     raise BadRecordError(source, "not usable JSON (nested too deeply)") from None
-                records.append(_check_record(data, source, path.parent, forbidden))
+                records.append(_check_record(data, source, path.parent, forbidden, require_images))
             except BadRecordError as err:
                 if on_bad_record == "error":
                     raise
@@ -353,11 +358,17 @@ class SampleBuilder:
 class ConversationDataset:
     """The checked records of one JSONL file and how to build the sample of (epoch, index)."""
 
-    def __init__(self, path: str | os.PathLike, builder: SampleBuilder, on_bad_record: str = "error") -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        builder: SampleBuilder,
+        on_bad_record: str = "error",
+        require_images: bool = False,
+    ) -> None:
         self.path = Path(path)
         self.builder = builder
         self.on_bad_record = on_bad_record
-        self.records, self.bad_records = read_records(self.path, on_bad_record, builder.forbidden)
+        self.records, self.bad_records = read_records(self.path, on_bad_record, builder.forbidden, require_images)
         if not self.records:
             raise ValueError(f"{self.path}: no usable training record ({len(self.bad_records)} bad)")
 

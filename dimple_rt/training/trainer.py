@@ -159,7 +159,9 @@ class Trainer:
             seed=config.seed,
             vocab_size=self.model_config.vocab_size,
         )
-        self.dataset = ConversationDataset(config.train_file, builder, config.on_bad_record)
+        self.dataset = ConversationDataset(
+            config.train_file, builder, config.on_bad_record, require_images=config.stage == "align"
+        )
         self.order = GlobalOrder(len(self.dataset), config.seed, config.shuffle)
 
         self.resume_dir, self._stale_checkpoints = self._resume_checkpoint()
