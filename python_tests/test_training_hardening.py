@@ -102,6 +102,8 @@ def test_absurd_config_values_are_refused_with_field_value_and_range(field: str,
 def test_the_samples_one_rank_builds_per_step_are_bounded() -> None:
     with pytest.raises(TrainConfigError, match="per_device_batch_size × gradient_accumulation_steps .* 4096 × 4096"):
         TrainConfig(init_model="m", train_file="t", per_device_batch_size=4096, gradient_accumulation_steps=4096)
+    with pytest.raises(TrainConfigError, match="answer_length must be below max_seq_length=64 .* got 64"):
+        TrainConfig(init_model="m", train_file="t", answer_padding="fixed", answer_length=64, max_seq_length=64)
 
 
 # ----------------------------------------------------------------------------------------- trainer_state.json

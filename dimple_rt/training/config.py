@@ -179,6 +179,11 @@ class TrainConfig:
                 _number(name, getattr(self, name), low, high, open_low)
         if self.noise_eps >= 1.0:
             raise TrainConfigError(f"noise_eps must be below 1, got {self.noise_eps}")
+        if self.answer_padding == "fixed" and self.answer_length >= self.max_seq_length:
+            raise TrainConfigError(
+                f"answer_length must be below max_seq_length={self.max_seq_length} with answer_padding='fixed' "
+                f"(every sample would be too long), got {self.answer_length}"
+            )
         per_rank = self.per_device_batch_size * self.gradient_accumulation_steps
         if per_rank > MAX_SAMPLES_PER_RANK_STEP:
             raise TrainConfigError(
