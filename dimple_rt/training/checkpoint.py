@@ -11,47 +11,64 @@ files and ``preprocessor_config.json`` copied from the initial model, and ``trai
 
 No pickle anywhere. The folder is written under a hidden temporary name and renamed into place, so a
 checkpoint folder that exists is complete; a crash mid-save leaves at most a ``.checkpoint-*.tmp`` folder.
+Reading back checks every field, shape and type against the running model before anything is set, and any
+problem is a :class:`~dimple_rt.weights.CheckpointError` that names the file.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from dimple_rt.io import write_json, write_safetensors
-from dimple_rt.weights import INDEX_NAME, save_state_dict
+from dimple_rt.weights import INDEX_NAME, CheckpointError, save_state_dict
+
+from .config import STAGES
 
 STATE_DIR = "training_state"
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER_TENSORS = "optimizer.safetensors"
 OPTIMIZER_META = "optimizer.json"
-_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+# Only the names this module writes: checkpoint-010 or checkpoint-foo are someone else's, never read or pruned.
+_CHECKPOINT = re.compile(r"checkpoint-(0|[1-9][0-9]{0,17})")
+MAX_STEP = 10**15
 
 
 def checkpoint_name(step: int) -> str:
     return f"checkpoint-{step}"
 
 
-def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """Complete checkpoints in ``output_dir``, oldest first (temporary folders are hidden and not matched)."""
+def list_checkpoints(output_dir: str | os.PathLike, complete_only: bool = True) -> list[tuple[int, Path]]:
+    """Checkpoints in ``output_dir``, oldest first (temporary folders are hidden and not matched).
+
+    ``complete_only``: only folders holding a trainer state; otherwise every ``checkpoint-N`` folder, so that a
+    damaged one is reported rather than silently passed over (or overwritten)."""
     directory = Path(output_dir)
     if not directory.is_dir():
         return []
     found = []
     for path in directory.iterdir():
-        match = _CHECKPOINT.fullmatch(path.name)
-        if match and path.is_dir() and (path / STATE_DIR / TRAINER_STATE).is_file():
-            found.append((int(match.group(1)), path))
+        step = checkpoint_step(path)
+        if step is not None and path.is_dir() and (not complete_only or (path / STATE_DIR / TRAINER_STATE).is_file()):
+            found.append((step, path))
     return sorted(found)
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """N for a folder named ``checkpoint-N`` as :func:`checkpoint_name` writes it, else None."""
+    match = _CHECKPOINT.fullmatch(path.name)
+    return int(match.group(1)) if match else None
 
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
@@ -190,29 +207,197 @@ def save_checkpoint(
     return final
 
 
-def prune_checkpoints(output_dir: Path, keep_last: int) -> None:
-    """Delete all but the newest ``keep_last`` checkpoints (rank 0 only; 0 keeps all)."""
+def prune_checkpoints(output_dir: Path, keep_last: int, current_step: int) -> list[Path]:
+    """Delete all but the newest ``keep_last`` checkpoints up to the run's own ``checkpoint-<current_step>``
+    (rank 0 only; 0 keeps all). The current checkpoint always stays, and checkpoints after it are never
+    touched here (the run refuses to start beside them without overwrite_output_dir). Returns the deleted ones."""
     if keep_last <= 0:
-        return
-    for _, path in list_checkpoints(output_dir)[:-keep_last]:
+        return []
+    older = [path for step, path in list_checkpoints(output_dir) if step < current_step]
+    doomed = older[: max(0, len(older) - (keep_last - 1))]
+    for path in doomed:
         shutil.rmtree(path)
+    return doomed
+
+
+def _read_checked_json(path: Path) -> Any:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (the checkpoint is incomplete)")
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
+
+
+def _load_checked_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (the checkpoint is incomplete)")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file, truncated or corrupt? ({err})") from None
+
+
+def _is_int(value: Any, low: int = 0, high: int = MAX_STEP) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _is_float(value: Any, low: float = 0.0) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= low
+
+
+def validate_trainer_state(state: Any, path: Path) -> dict[str, Any]:
+    """``state`` as read from ``path``, after checking each field's type and range and the consistency between
+    them and with the folder name; raises CheckpointError naming the file and the field."""
+
+    def fail(message: str) -> CheckpointError:
+        return CheckpointError(f"{path}: {message}")
+
+    if not isinstance(state, dict):
+        raise fail(f"expected a JSON object, got {type(state).__name__}")
+    required = ("step", "position", "skipped_records", "global_batch", "world_size", "stage")
+    missing = [name for name in required if name not in state]
+    if missing:
+        raise fail(f"missing field(s) {', '.join(missing)}")
+    ranges = {"step": (0, MAX_STEP), "position": (0, 2**62), "skipped_records": (0, 2**62)}
+    ranges.update(global_batch=(1, 2**40), world_size=(1, 2**20))
+    for name, (low, high) in ranges.items():
+        if not _is_int(state[name], low, high):
+            raise fail(f"{name} must be an integer in [{low}, {high}], got {state[name]!r}")
+    if state["stage"] not in STAGES:
+        raise fail(f"stage must be one of {STAGES}, got {state['stage']!r}")
+    if state["position"] != state["step"] * state["global_batch"]:
+        raise fail(
+            f"position {state['position']} is not step × global_batch = {state['step']} × {state['global_batch']}"
+        )
+    if state["global_batch"] % state["world_size"]:
+        raise fail(f"global_batch {state['global_batch']} is not a multiple of world_size {state['world_size']}")
+    folder_step = checkpoint_step(path.parent.parent)
+    if folder_step is not None and folder_step != state["step"]:
+        raise fail(f"step {state['step']} does not match the folder name {path.parent.parent.name}")
+    scheduler = state.get("scheduler", {})
+    if not isinstance(scheduler, dict):
+        raise fail(f"scheduler must be an object, got {scheduler!r}")
+    for name in ("warmup_steps", "total_steps", "next_step"):
+        if name in scheduler and not _is_int(scheduler[name]):
+            raise fail(f"scheduler.{name} must be an integer in [0, {MAX_STEP}], got {scheduler[name]!r}")
+    if "next_step" in scheduler and scheduler["next_step"] != state["step"]:
+        raise fail(f"scheduler.next_step {scheduler['next_step']} does not match step {state['step']}")
+    if "peak_lr" in scheduler and not _is_float(scheduler["peak_lr"]):
+        raise fail(f"scheduler.peak_lr must be a finite number >= 0, got {scheduler['peak_lr']!r}")
+    if "config" in state and not isinstance(state["config"], dict):
+        raise fail(f"config must be an object, got {type(state['config']).__name__}")
+    return state
 
 
 def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
+    """The checked ``trainer_state.json`` of ``checkpoint`` (CheckpointError naming the file otherwise)."""
+    if not checkpoint.is_dir():
+        raise CheckpointError(f"{checkpoint} is not a training checkpoint folder")
     path = checkpoint / STATE_DIR / TRAINER_STATE
     if not path.is_file():
-        raise FileNotFoundError(f"{checkpoint} is not a training checkpoint: no {STATE_DIR}/{TRAINER_STATE}")
-    return _read_json(path)
+        raise CheckpointError(f"{checkpoint} is not a training checkpoint: no {STATE_DIR}/{TRAINER_STATE}")
+    return validate_trainer_state(_read_checked_json(path), path)
 
 
-def read_optimizer_state(checkpoint: Path) -> dict[str, Any]:
+# AdamW's per-parameter state: the moments have the parameter's shape, step is a scalar.
+_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+def read_optimizer_state(checkpoint: Path, params: Mapping[str, torch.Size] | None = None) -> dict[str, Any]:
+    """The optimizer state (keyed by parameter name) of ``checkpoint``, checked against ``params`` (the trained
+    parameters' names and full shapes): names, keys, shapes, dtypes, finiteness. CheckpointError names the file."""
     directory = checkpoint / STATE_DIR
-    return unflatten_optimizer_state(load_file(directory / OPTIMIZER_TENSORS), _read_json(directory / OPTIMIZER_META))
+    tensors_path, meta_path = directory / OPTIMIZER_TENSORS, directory / OPTIMIZER_META
+    tensors = _load_checked_tensors(tensors_path)
+    meta = _read_checked_json(meta_path)
+    if not isinstance(meta, dict) or not isinstance(meta.get("param_groups"), list):
+        raise CheckpointError(f"{meta_path}: expected an object with a 'param_groups' list")
+    scalars = meta.get("scalars", {})
+    if not isinstance(scalars, dict) or not all(isinstance(v, dict) for v in scalars.values()):
+        raise CheckpointError(f"{meta_path}: 'scalars' must map parameter names to objects")
+    groups = meta["param_groups"]
+    if not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
+        raise CheckpointError(f"{meta_path}: every param group must be an object with a 'params' list")
+    for name in tensors:
+        parts = name.split("/")
+        if len(parts) < 3 or parts[0] != "state" or not parts[-1]:
+            raise CheckpointError(f"{tensors_path}: unexpected tensor name {name!r} (expected state/<param>/<key>)")
+    state = unflatten_optimizer_state(tensors, meta)
+    if params is not None:
+        _check_optimizer_state(state, params, tensors_path, meta_path)
+    return state
 
 
-def restore_rng_state(checkpoint: Path, rank: int) -> None:
-    """Set this rank's RNG states from ``checkpoint`` (a rank the run did not have keeps its own)."""
+def _check_optimizer_state(
+    state: Mapping[str, Any], params: Mapping[str, torch.Size], tensors_path: Path, meta_path: Path
+) -> None:
+    grouped = [name for group in state["param_groups"] for name in group["params"]]
+    if sorted(map(str, grouped)) != sorted(params):
+        extra = sorted(set(map(str, grouped)) - set(params))
+        absent = sorted(set(params) - set(map(str, grouped)))
+        raise CheckpointError(
+            f"{meta_path}: the param groups do not hold this run's trained parameters "
+            f"(unknown: {_few(extra)}; missing: {_few(absent)}); was it written for another stage or model?"
+        )
+    for param, entry in state["state"].items():
+        if param not in params:
+            raise CheckpointError(f"{tensors_path}: state for {param!r}, which this run does not train")
+        for key, value in entry.items():
+            if not isinstance(value, torch.Tensor):
+                raise CheckpointError(f"{meta_path}: state {param}/{key} must be a tensor, got {value!r}")
+            if not value.is_floating_point():
+                raise CheckpointError(f"{tensors_path}: state/{param}/{key} has dtype {value.dtype}, not floating")
+            if key == "step":
+                if value.numel() != 1 or not math.isfinite(float(value)) or float(value) < 0:
+                    raise CheckpointError(f"{tensors_path}: state/{param}/step must be one finite number >= 0")
+            elif key in _MOMENTS:
+                if value.shape != params[param]:
+                    raise CheckpointError(
+                        f"{tensors_path}: state/{param}/{key} has shape {tuple(value.shape)}, the parameter has "
+                        f"{tuple(params[param])}"
+                    )
+            else:
+                raise CheckpointError(f"{tensors_path}: unexpected optimizer state key {param}/{key}")
+            if not bool(torch.isfinite(value).all()):
+                raise CheckpointError(f"{tensors_path}: state/{param}/{key} holds NaN or infinite values")
+        if "step" not in entry or not {"exp_avg", "exp_avg_sq"} <= set(entry):
+            raise CheckpointError(f"{tensors_path}: the state of {param} lacks step, exp_avg or exp_avg_sq")
+
+
+def _few(names: Sequence[str], limit: int = 4) -> str:
+    if not names:
+        return "none"
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def restore_rng_state(checkpoint: Path, rank: int, world_size: int | None = None) -> None:
+    """Set this rank's RNG states from ``checkpoint`` (a rank the run did not have keeps its own).
+
+    ``world_size`` is the saved run's: a rank below it must find its files. Everything is checked before any
+    state is set; CheckpointError names the file."""
     directory = checkpoint / STATE_DIR
     tensors_path = directory / f"rng-rank{rank}.safetensors"
-    if tensors_path.is_file():
-        set_rng_state(load_file(tensors_path), _read_json(directory / f"rng-rank{rank}.json"))
+    meta_path = directory / f"rng-rank{rank}.json"
+    if not tensors_path.is_file() and not meta_path.is_file() and (world_size is None or rank >= world_size):
+        return
+    tensors = _load_checked_tensors(tensors_path)
+    meta = _read_checked_json(meta_path)
+    cpu = tensors.get("torch_cpu")
+    reference = torch.get_rng_state()
+    if cpu is None or cpu.dtype != reference.dtype or cpu.shape != reference.shape:
+        raise CheckpointError(f"{tensors_path}: torch_cpu must be a {reference.dtype} tensor of {reference.numel()}")
+    value = meta.get("python_random") if isinstance(meta, dict) else None
+    ok = isinstance(value, list) and len(value) == 3 and _is_int(value[0], 0, 1 << 31)
+    ok = ok and isinstance(value[1], list) and len(value[1]) == 625
+    ok = ok and all(_is_int(v, 0, 2**32 - 1) for v in value[1][:624]) and _is_int(value[1][624], 0, 624)
+    ok = ok and (value[2] is None or _is_float(value[2], -math.inf))
+    if not ok:
+        raise CheckpointError(f"{meta_path}: python_random must be [version, 625 integers, gauss] as random.getstate")
+    try:
+        previous = torch.get_rng_state(), random.getstate()
+        set_rng_state(tensors, meta)
+    except (RuntimeError, ValueError, TypeError) as err:
+        torch.set_rng_state(previous[0])
+        random.setstate(previous[1])
+        raise CheckpointError(f"{tensors_path}: cannot restore the RNG state ({err})") from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,19 +31,46 @@ def _choice(name: str, value: object, choices: tuple[str, ...]) -> None:
         raise TrainConfigError(f"{name} must be one of {choices}, got {value!r}")
 
 
-def _positive_int(name: str, value: object, allow_zero: bool = False) -> None:
-    low = 0 if allow_zero else 1
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise TrainConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+def _int(name: str, value: object, low: int, high: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise TrainConfigError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
 
 
-def _number(name: str, value: object, low: float, high: float = float("inf"), open_low: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+def _number(name: str, value: object, low: float, high: float, open_low: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if ok:
         ok = (value > low if open_low else value >= low) and value <= high
     if not ok:
         bound = "(" if open_low else "["
-        raise TrainConfigError(f"{name} must be a number in {bound}{low}, {high}], got {value!r}")
+        raise TrainConfigError(f"{name} must be a finite number in {bound}{low}, {high}], got {value!r}")
+
+
+# Upper bounds of the sizes: far above any real run, low enough that nothing is allocated or looped over
+# for minutes before a typo is noticed. (field → (low, high)); None-able fields are checked when set.
+INT_RANGES: dict[str, tuple[int, int]] = {
+    "max_seq_length": (1, 1 << 20),
+    "answer_length": (1, 1 << 20),
+    "per_device_batch_size": (1, 1 << 16),
+    "gradient_accumulation_steps": (1, 1 << 16),
+    "max_steps": (1, 10**9),
+    "warmup_steps": (0, 10**9),
+    "save_steps": (0, 10**9),
+    "keep_last": (0, 10**6),
+    "seed": (0, 2**63 - 1),
+    "max_shard_bytes": (1 << 20, 1 << 50),
+}
+MAX_SAMPLES_PER_RANK_STEP = 1 << 20
+"""per_device_batch_size × gradient_accumulation_steps: the samples one rank builds in one optimizer step."""
+FLOAT_RANGES: dict[str, tuple[float, float, bool]] = {  # field → (low, high, low excluded)
+    "learning_rate": (0.0, 1.0, True),
+    "max_grad_norm": (0.0, 1e6, False),
+    "warmup_ratio": (0.0, 1.0, False),
+    "weight_decay": (0.0, 1.0, False),
+    "adam_beta1": (0.0, 1.0, False),
+    "adam_beta2": (0.0, 1.0, False),
+    "adam_epsilon": (0.0, 1.0, True),
+    "noise_eps": (0.0, 1.0, False),
+}
 
 
 @dataclass
@@ -124,6 +152,9 @@ class TrainConfig:
     """Split model.safetensors into shards of at most this many bytes."""
     resume_from: str = "auto"
     """``auto`` (the newest checkpoint in output_dir, if any), ``none``, or a checkpoint folder."""
+    overwrite_output_dir: bool = False
+    """Allow a run to replace what output_dir holds: its checkpoints (all for ``resume_from="none"``, those
+    after the resume point otherwise) and their metrics lines are deleted when the run starts."""
     progress_bar: bool = True
     """Show a tqdm bar on rank 0."""
 
@@ -140,37 +171,36 @@ class TrainConfig:
         _choice("device", self.device, ("auto", "cpu", "cuda"))
         _choice("attention", self.attention, ("sdpa", "reference"))
         _choice("distributed", self.distributed, ("ddp", "fsdp"))
-        for name in (
-            "max_seq_length",
-            "answer_length",
-            "per_device_batch_size",
-            "gradient_accumulation_steps",
-            "max_steps",
-        ):
-            _positive_int(name, getattr(self, name))
-        for name in ("save_steps", "keep_last", "seed"):
-            _positive_int(name, getattr(self, name), allow_zero=True)
-        if self.warmup_steps is not None:
-            _positive_int("warmup_steps", self.warmup_steps, allow_zero=True)
-        if self.max_shard_bytes is not None:
-            _positive_int("max_shard_bytes", self.max_shard_bytes)
-        if self.learning_rate is not None:
-            _number("learning_rate", self.learning_rate, 0.0, open_low=True)
-        if self.max_grad_norm is not None:
-            _number("max_grad_norm", self.max_grad_norm, 0.0)
-        _number("warmup_ratio", self.warmup_ratio, 0.0, 1.0)
-        _number("weight_decay", self.weight_decay, 0.0)
-        _number("adam_beta1", self.adam_beta1, 0.0, 1.0)
-        _number("adam_beta2", self.adam_beta2, 0.0, 1.0)
-        _number("adam_epsilon", self.adam_epsilon, 0.0, open_low=True)
-        _number("noise_eps", self.noise_eps, 0.0, 1.0)
+        for name, (low, high) in INT_RANGES.items():
+            if getattr(self, name) is not None or name not in ("warmup_steps", "max_shard_bytes"):
+                _int(name, getattr(self, name), low, high)
+        for name, (low, high, open_low) in FLOAT_RANGES.items():
+            if getattr(self, name) is not None or name not in ("learning_rate", "max_grad_norm"):
+                _number(name, getattr(self, name), low, high, open_low)
         if self.noise_eps >= 1.0:
             raise TrainConfigError(f"noise_eps must be below 1, got {self.noise_eps}")
-        for name in ("shuffle", "freeze_pad_embedding", "progress_bar"):
+        if self.answer_padding == "fixed" and self.answer_length >= self.max_seq_length:
+            raise TrainConfigError(
+                f"answer_length must be below max_seq_length={self.max_seq_length} with answer_padding='fixed' "
+                f"(every sample would be too long), got {self.answer_length}"
+            )
+        per_rank = self.per_device_batch_size * self.gradient_accumulation_steps
+        if per_rank > MAX_SAMPLES_PER_RANK_STEP:
+            raise TrainConfigError(
+                f"per_device_batch_size × gradient_accumulation_steps must be at most {MAX_SAMPLES_PER_RANK_STEP}, "
+                f"got {self.per_device_batch_size} × {self.gradient_accumulation_steps} = {per_rank}"
+            )
+        for name in ("shuffle", "freeze_pad_embedding", "progress_bar", "overwrite_output_dir"):
             if type(getattr(self, name)) is not bool:
                 raise TrainConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.system_prompt, str):
             raise TrainConfigError(f"system_prompt must be a string, got {self.system_prompt!r}")
+        if not isinstance(self.output_dir, str) or not self.output_dir:
+            raise TrainConfigError(f"output_dir must be a non-empty path, got {self.output_dir!r}")
+        if not isinstance(self.resume_from, str) or not self.resume_from:
+            raise TrainConfigError(
+                f"resume_from must be 'auto', 'none' or a checkpoint folder, got {self.resume_from!r}"
+            )
 
     @property
     def lr(self) -> float:
@@ -216,7 +246,12 @@ class TrainConfig:
     def from_file(cls, path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> TrainConfig:
         """Read a ``.json`` (or ``.yaml``/``.yml``, which needs PyYAML) config, then apply ``overrides``."""
         path = Path(path)
-        text = path.read_text(encoding="utf-8")
+        if not path.is_file():  # a folder, or a FIFO that would block
+            raise TrainConfigError(f"{path}: not a regular file")
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise TrainConfigError(f"{path}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
         if path.suffix in (".yaml", ".yml"):
             try:
                 import yaml
@@ -229,7 +264,7 @@ class TrainConfig:
         else:
             try:
                 data = json.loads(text)
-            except json.JSONDecodeError as err:
+            except (json.JSONDecodeError, RecursionError) as err:
                 raise TrainConfigError(f"{path}: not valid JSON: {err}") from None
         if not isinstance(data, dict):
             raise TrainConfigError(f"{path}: a training config must be a mapping")

@@ -15,8 +15,12 @@ relative to the JSONL file. A sample is built exactly as the authors' ``Customiz
   whatever the process, rank or resume point; ``fixed`` pads or truncates to ``answer_length``.
 
 Unlike the authors, an over-long sample is not sliced (that can cut an image's tokens and crash the forward):
-it is a bad record. Bad records are reported as ``file:line: reason``; the structural problems are found when
-the file is read, the ones that need the images (a sample too long) when the sample is built.
+it is a bad record. Every problem that comes from the data is a bad record (:class:`BadRecordError`, reported
+as ``file:line: reason`` and skipped or raised per ``on_bad_record``): a line that is not UTF-8 or not JSON, a
+wrong structure or role, special tokens in the text (only the builder makes structure: ``<|image_pad|>`` typed
+in a record would claim an image that is not there), a placeholder/image count mismatch, a missing or
+unreadable image, a sample too long. The structural problems are found when the file is read, the ones that
+need the images when the sample is built; the built sample is checked once more before it is used.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import logging
 import math
 import os
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,8 +112,25 @@ class Sample:
     source: str
 
 
-def _check_record(data: Any, source: str, base: Path) -> Record:
-    """The structural checks that need no image decoding; raise BadRecordError naming the problem."""
+def _check_text(text: str, where: str, source: str, forbidden: Sequence[str]) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRecordError(source, f"{where} is not valid Unicode (a lone surrogate escape?)") from None
+    for token in forbidden:
+        if token in text:
+            raise BadRecordError(
+                source, f"{where} holds the special token {token!r}: data text cannot hold control tokens"
+            )
+
+
+def _check_record(
+    data: Any, source: str, base: Path, forbidden: Sequence[str] = (), require_images: bool = False
+) -> Record:
+    """The structural checks that need no image decoding; raise BadRecordError naming the problem.
+
+    ``forbidden``: the tokenizer's special token strings, which no message may contain. ``require_images``:
+    a record without images is bad (the align stage trains only the projector: it would have no gradient)."""
     if not isinstance(data, dict):
         raise BadRecordError(source, f"expected a JSON object, got {type(data).__name__}")
     messages = data.get("messages")
@@ -125,8 +147,9 @@ def _check_record(data: Any, source: str, base: Path) -> Record:
         if not isinstance(message, dict) or not isinstance(message.get("content"), str):
             raise BadRecordError(source, f"message {number} must be an object with a string 'content'")
         role = message.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise BadRecordError(source, f"message {number} has role {role!r}; only {ROLES} are accepted")
+        _check_text(message["content"], f"message {number}", source, forbidden)
         if role == "assistant":
             if IMAGE_PLACEHOLDER in message["content"]:
                 raise BadRecordError(source, f"message {number}: an assistant turn cannot hold {IMAGE_PLACEHOLDER}")
@@ -138,35 +161,56 @@ def _check_record(data: Any, source: str, base: Path) -> Record:
         raise BadRecordError(source, "no assistant turn: nothing to train on")
     if placeholders != len(images):
         raise BadRecordError(source, f"{placeholders} {IMAGE_PLACEHOLDER} placeholders but {len(images)} images")
+    if require_images and not images:
+        raise BadRecordError(source, "no image: the align stage trains only the image projector")
+    for number, image in enumerate(images):
+        _check_text(image, f"image path {number}", source, ())
+        if "\0" in image:
+            raise BadRecordError(source, f"image path {number} holds a NUL character")
     paths = [Path(p) if os.path.isabs(p) else base / p for p in images]
-    missing = [str(p) for p in paths if not p.is_file()]
+    try:
+        missing = [str(p) for p in paths if not p.is_file()]
+    except OSError as err:  # a name too long, a permission error on a folder on the way
+        raise BadRecordError(source, f"cannot check image path: {err}") from None
     if missing:
         raise BadRecordError(source, f"image file not found: {', '.join(missing)}")
     return Record(source, [{"role": m["role"], "content": m["content"]} for m in messages], paths)
 
 
-def read_records(path: str | os.PathLike, on_bad_record: str = "error") -> tuple[list[Record], list[BadRecordError]]:
-    """Parse and check every line of a JSONL file (blank lines are skipped).
+def read_records(
+    path: str | os.PathLike, on_bad_record: str = "error", forbidden: Sequence[str] = (), require_images: bool = False
+) -> tuple[list[Record], list[BadRecordError]]:
+    """Parse and check every line of a JSONL file (blank lines are skipped; a UTF-8 BOM is allowed).
 
     With ``on_bad_record="error"`` the first bad line raises; with ``"skip"`` bad lines are logged and
-    returned as the second value.
+    returned as the second value. ``forbidden`` and ``require_images``: see :func:`_check_record`.
     """
     if on_bad_record not in ("skip", "error"):
         raise ValueError(f"on_bad_record must be 'skip' or 'error', got {on_bad_record!r}")
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"train_file {path} is not a file")
     records: list[Record] = []
     bad: list[BadRecordError] = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
+    with path.open("rb") as handle:  # bytes: one line's bad UTF-8 is that line's problem, not the file's
+        for number, raw in enumerate(handle, start=1):
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            if not raw.strip():
                 continue
             source = f"{path}:{number}"
             try:
                 try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise BadRecordError(source, f"not valid UTF-8 ({err.reason} at byte {err.start})") from None
+                try:
                     data = json.loads(line)
                 except json.JSONDecodeError as err:
                     raise BadRecordError(source, f"not valid JSON ({err})") from None
-                records.append(_check_record(data, source, path.parent))
+                except RecursionError:
+                    raise BadRecordError(source, "not usable JSON (nested too deeply)") from None
+                records.append(_check_record(data, source, path.parent, forbidden, require_images))
             except BadRecordError as err:
                 if on_bad_record == "error":
                     raise
@@ -188,8 +232,29 @@ class SampleBuilder:
         answer_length: int = 64,
         system_prompt: str = DEFAULT_SYSTEM_PROMPT,
         seed: int = 0,
+        vocab_size: int | None = None,
     ) -> None:
+        """``vocab_size``: the model's; a sample with an id at or above it is a bad record."""
         padded_answer_length(1, answer_padding, random.Random(0), answer_length)  # validates the strategy
+        # The structure tokens are placed by id, so a sample never depends on whether encode() parses special
+        # tokens in text; data text holds none (checked), and a special token splits BPE anyway, so the ids
+        # are the authors' (each segment tokenised with its special tokens).
+        specials = {IMAGE_PAD_TOKEN, VISION_START_TOKEN, VISION_END_TOKEN, "<|im_start|>", "<|im_end|>"}
+        added = tokenizer.backend_tokenizer.get_added_tokens_decoder()
+        specials |= {token.content for token in added.values() if token.special}
+        specials |= set(tokenizer.special_tokens_map.values())
+        backend = tokenizer.backend_tokenizer
+        # A text-only tokenizer may lack the vision tokens: only the ones it has can be placed or typed.
+        self.special_ids = {token: backend.token_to_id(token) for token in sorted(specials)}
+        self.special_ids = {token: i for token, i in self.special_ids.items() if token and i is not None}
+        alternatives = "|".join(map(re.escape, sorted(self.special_ids, key=len, reverse=True)))
+        self._special_split = re.compile(f"({alternatives})") if alternatives else None
+        self.forbidden = tuple(sorted(self.special_ids))
+        """Special token strings: a record that holds one is bad; the system prompt may not hold one."""
+        for token in self.forbidden:
+            if token in system_prompt:
+                raise ValueError(f"system_prompt holds the special token {token!r}; the template places those")
+        self.vocab_size = vocab_size
         self.tokenizer = tokenizer
         self.processor = processor
         self.max_seq_length = max_seq_length
@@ -216,19 +281,41 @@ class SampleBuilder:
                     image = files.enter_context(PIL.Image.open(path))
                     image.load()
                     regularized.append(regularize_image(image, self.processor.min_pixels, self.processor.max_pixels))
-                except (OSError, ValueError) as err:
+                except MemoryError:
+                    raise
+                # Pillow's decoders raise many types for a broken file (OSError, ValueError, SyntaxError,
+                # struct.error, EOFError, DecompressionBombError, ...): any of them means this image is unusable.
+                except Exception as err:
                     raise BadRecordError(record.source, f"cannot read image {path}: {err}") from err
             try:
                 processed = self.processor(regularized)
-            except ValueError as err:
+            except (ValueError, TypeError, RuntimeError) as err:
                 raise BadRecordError(record.source, f"image preprocessing failed: {err}") from err
         return processed.pixel_values, processed.image_grid_thw
+
+    def encode_template(self, text: str) -> list[int]:
+        """Ids of ``text`` built by this class: its special tokens by id, the text between them by BPE."""
+        if self._special_split is None:
+            return self.tokenizer.encode(text)
+        ids: list[int] = []
+        for piece in self._special_split.split(text):
+            if piece in self.special_ids:
+                ids.append(self.special_ids[piece])
+            elif piece:
+                ids.extend(self.tokenizer.encode(piece))
+        return ids
 
     def build(self, record: Record, rng: random.Random) -> Sample:
         """The sample of ``record``; ``rng`` draws the dynamic answer padding. Raises BadRecordError."""
         pixel_values, grids = self._images(record)
         counts = [] if grids is None else [num_image_tokens(g, self.processor.merge_size) for g in grids]
-        image_text = iter(f"{VISION_START_TOKEN}{IMAGE_PAD_TOKEN * n}{VISION_END_TOKEN}" for n in counts)
+        image_text = [f"{VISION_START_TOKEN}{IMAGE_PAD_TOKEN * n}{VISION_END_TOKEN}" for n in counts]
+        placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in record.messages if m["role"] == "user")
+        if placeholders != len(image_text):
+            raise BadRecordError(
+                record.source, f"{placeholders} {IMAGE_PLACEHOLDER} placeholders but {len(counts)} images"
+            )
+        next_image = iter(image_text)
         pad_id = self.tokenizer.pad_token_id
         input_ids: list[int] = []
         labels: list[int] = []
@@ -239,15 +326,13 @@ class SampleBuilder:
             labels.extend(ids if supervised else [IGNORE_INDEX] * len(ids))
             mask_locations.extend([supervised] * len(ids))
 
-        append(self.tokenizer.encode(f"<|im_start|>system\n{self.system_prompt}<|im_end|>"), False)
+        append(self.encode_template(f"<|im_start|>system\n{self.system_prompt}<|im_end|>"), False)
         for message in record.messages:
             content = message["content"]
             if message["role"] == "user":
                 pieces = content.split(IMAGE_PLACEHOLDER)
-                content = pieces[0] + "".join(next(image_text) + piece for piece in pieces[1:])
-                append(
-                    self.tokenizer.encode(f"\n<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"), False
-                )
+                content = pieces[0] + "".join(next(next_image) + piece for piece in pieces[1:])
+                append(self.encode_template(f"\n<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"), False)
             else:
                 ids = self.tokenizer.encode(content)
                 length = padded_answer_length(len(ids), self.answer_padding, rng, self.answer_length)
@@ -256,17 +341,34 @@ class SampleBuilder:
             raise BadRecordError(
                 record.source, f"sample has {len(input_ids)} tokens, more than max_seq_length={self.max_seq_length}"
             )
+        self._check_sample(input_ids, sum(counts), record.source)
         return Sample(input_ids, labels, mask_locations, pixel_values, grids, record.source)
+
+    def _check_sample(self, input_ids: list[int], image_tokens: int, source: str) -> None:
+        """What the forward needs of a sample: one <|image_pad|> per image feature, ids within the vocabulary."""
+        found = input_ids.count(self.special_ids[IMAGE_PAD_TOKEN]) if IMAGE_PAD_TOKEN in self.special_ids else 0
+        if found != image_tokens:
+            raise BadRecordError(source, f"{found} <|image_pad|> tokens but the images give {image_tokens} features")
+        if self.vocab_size is not None and input_ids and max(input_ids) >= self.vocab_size:
+            raise BadRecordError(
+                source, f"token id {max(input_ids)} is outside the model's vocabulary ({self.vocab_size})"
+            )
 
 
 class ConversationDataset:
     """The checked records of one JSONL file and how to build the sample of (epoch, index)."""
 
-    def __init__(self, path: str | os.PathLike, builder: SampleBuilder, on_bad_record: str = "error") -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        builder: SampleBuilder,
+        on_bad_record: str = "error",
+        require_images: bool = False,
+    ) -> None:
         self.path = Path(path)
         self.builder = builder
         self.on_bad_record = on_bad_record
-        self.records, self.bad_records = read_records(self.path, on_bad_record)
+        self.records, self.bad_records = read_records(self.path, on_bad_record, builder.forbidden, require_images)
         if not self.records:
             raise ValueError(f"{self.path}: no usable training record ({len(self.bad_records)} bad)")
 

@@ -16,11 +16,10 @@ import hashlib
 import json
 import logging
 import os
-import signal
+import shutil
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +32,15 @@ from dimple_rt.config import DimpleConfig
 from dimple_rt.model.dimple import DimpleModel
 from dimple_rt.processor import ImageProcessor
 from dimple_rt.tokenizer import DimpleTokenizer
-from dimple_rt.weights import load_state_dict_into, resolve_model
+from dimple_rt.weights import CheckpointError, load_state_dict_into, resolve_model
 
 from . import checkpoint as ckpt
 from .attention import training_backend
-from .config import TrainConfig
+from .config import TrainConfig, TrainConfigError
 from .data import BadRecordError, Batch, ConversationDataset, GlobalOrder, SampleBuilder, collate
+from .distributed import init_distributed
 from .losses import ar_loss, diffusion_loss, mask_for_diffusion
+from .signals import StopFlag, sigterm_to
 
 logger = logging.getLogger(__name__)
 
@@ -123,74 +124,6 @@ class TrainingModule(nn.Module):
         return out.logits
 
 
-@dataclass
-class DistContext:
-    """Where this process sits in the run."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    reduce_device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    """Where all_reduce tensors live: the GPU under nccl, the CPU under gloo."""
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.enabled:
-            dist.barrier()
-
-    def all_reduce(self, values: list[float], op: str = "sum") -> list[float]:
-        """Sum (or max) of a few floats over the ranks, in float64."""
-        if not self.enabled:
-            return values
-        tensor = torch.tensor(values, dtype=torch.float64, device=self.reduce_device)
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-        return tensor.tolist()
-
-
-def init_distributed(device_kind: str) -> DistContext:
-    """Join the torchrun process group when WORLD_SIZE > 1 (gloo on CPU, nccl on GPU)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        return DistContext()
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    reduce_device = torch.device("cuda", local_rank) if device_kind == "cuda" else torch.device("cpu")
-    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, reduce_device)
-
-
-class _StopFlag:
-    """Set by SIGTERM (or a caller); the loop checkpoints and returns at the end of the current step."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.signal: int | None = None
-
-    def handle(self, signum: int, _frame: Any) -> None:
-        self.requested = True
-        self.signal = signum
-
-
-@contextmanager
-def _sigterm_to(flag: _StopFlag) -> Iterator[None]:
-    try:
-        previous = signal.signal(signal.SIGTERM, flag.handle)
-    except ValueError:  # not the main thread: no handler can be installed, run without one
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 class Trainer:
     """Builds everything a run needs from a :class:`TrainConfig`; :meth:`train` runs it."""
 
@@ -209,7 +142,7 @@ class Trainer:
             bf16 = config.precision == "bf16"
         self.autocast_dtype = torch.bfloat16 if bf16 else None
         self.output_dir = Path(config.output_dir)
-        self.stop = _StopFlag()
+        self.stop = StopFlag()
 
         self.source_dir = resolve_model(config.init_model)
         self.model_config = DimpleConfig.from_json_file(self.source_dir / "config.json")
@@ -224,16 +157,20 @@ class Trainer:
             answer_length=config.answer_length,
             system_prompt=config.system_prompt,
             seed=config.seed,
+            vocab_size=self.model_config.vocab_size,
         )
-        self.dataset = ConversationDataset(config.train_file, builder, config.on_bad_record)
+        self.dataset = ConversationDataset(
+            config.train_file, builder, config.on_bad_record, require_images=config.stage == "align"
+        )
         self.order = GlobalOrder(len(self.dataset), config.seed, config.shuffle)
 
-        self.resume_dir = self._resume_checkpoint()
+        self.resume_dir, self._stale_checkpoints = self._resume_checkpoint()
         weights_dir = self.resume_dir if self.resume_dir is not None else self.source_dir
         with torch.device("meta"):
             model = DimpleModel(self.model_config)
         load_state_dict_into(model, weights_dir, dtype=torch.float32, device=self.device)
         self.trainable_names = set_trainable(model, config.stage)
+        self.trainable_shapes = {name: p.shape for name, p in model.named_parameters() if p.requires_grad}
         self.model = model
         self.module = self._wrap(TrainingModule(model, training_backend(config.attention)))
         params = [p for p in model.parameters() if p.requires_grad]
@@ -267,15 +204,36 @@ class Trainer:
     def global_batch(self) -> int:
         return self.config.per_device_batch_size * self.config.gradient_accumulation_steps * self.dist.world_size
 
-    def _resume_checkpoint(self) -> Path | None:
+    def _resume_checkpoint(self) -> tuple[Path | None, list[Path]]:
+        """The checkpoint to resume from, and the checkpoints of output_dir this run would overwrite (refused
+        unless overwrite_output_dir): all of them for a fresh start or a resume from elsewhere, the ones after
+        the resume point otherwise. Checked before the model is loaded."""
         value = self.config.resume_from
+        for path, kind in ((self.output_dir, "a folder"), (self.output_dir / METRICS_FILE, "a file")):
+            if path.exists() and not (path.is_dir() if kind == "a folder" else path.is_file()):
+                raise TrainConfigError(f"{path} exists but is not {kind}: output_dir must be a folder this run can use")
+        existing = ckpt.list_checkpoints(self.output_dir, complete_only=False)
         if value == "none":
-            return None
-        if value == "auto":
-            return ckpt.latest_checkpoint(self.output_dir)
-        path = Path(value)
-        ckpt.read_trainer_state(path)  # a clear error for a folder that is not a checkpoint
-        return path
+            resume = None
+        elif value == "auto":
+            resume = existing[-1][1] if existing else None
+        else:
+            resume = Path(value)
+        if resume is None:
+            stale = [path for _, path in existing]
+        else:
+            step = ckpt.read_trainer_state(resume)["step"]  # a clear error for a folder that is not a checkpoint
+            inside = resume.resolve().parent == self.output_dir.resolve()
+            stale = [path for found, path in existing if not inside or found > step]
+        if stale and not self.config.overwrite_output_dir:
+            names = ", ".join(path.name for path in stale[:3]) + (" ..." if len(stale) > 3 else "")
+            where = "starts from scratch" if resume is None else f"resumes from {resume}"
+            raise TrainConfigError(
+                f"output_dir {self.output_dir} holds checkpoints of another run or of later steps ({names}) and "
+                f"this run {where} (resume_from={value!r}): it would overwrite them and their metrics. Use another "
+                "output_dir, resume_from='auto', or set overwrite_output_dir=true to delete them."
+            )
+        return resume, stale
 
     def _wrap(self, module: TrainingModule) -> nn.Module:
         if not self.dist.enabled:
@@ -299,27 +257,51 @@ class Trainer:
 
     def _load_training_state(self, checkpoint: Path) -> None:
         state = ckpt.read_trainer_state(checkpoint)
+        state_file = checkpoint / ckpt.STATE_DIR / ckpt.TRAINER_STATE
         if state["global_batch"] != self.global_batch:
             raise ValueError(
-                f"{checkpoint} was trained with a global batch of {state['global_batch']}, this run has "
+                f"{state_file}: trained with a global batch of {state['global_batch']}, this run has "
                 f"{self.global_batch} (per-device batch × accumulation × world size): the data stream would differ"
             )
         if state["stage"] != self.config.stage:
-            raise ValueError(f"{checkpoint} is a {state['stage']!r} checkpoint, this run is {self.config.stage!r}")
+            raise ValueError(f"{state_file}: a {state['stage']!r} checkpoint, this run is {self.config.stage!r}")
+        if state["step"] > self.config.max_steps:
+            logger.warning(
+                "%s is at step %d, past max_steps=%d: nothing to train",
+                checkpoint,
+                state["step"],
+                self.config.max_steps,
+            )
+        optim_state = ckpt.read_optimizer_state(checkpoint, self.trainable_shapes)
+        # The hyperparameters are this run's config (the LR is set every step); the checkpoint gives the state.
+        own_groups = self.optimizer.state_dict()["param_groups"]
+        if len(optim_state["param_groups"]) != len(own_groups):
+            raise CheckpointError(
+                f"{checkpoint / ckpt.STATE_DIR / ckpt.OPTIMIZER_META}: {len(optim_state['param_groups'])} param "
+                f"groups, this run's optimizer has {len(own_groups)}"
+            )
+        optim_state["param_groups"] = [
+            {**{k: v for k, v in own.items() if k != "params"}, "params": saved["params"]}
+            for own, saved in zip(own_groups, optim_state["param_groups"])
+        ]
+        try:
+            if self._fsdp:
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+                prefixed = _rename_optimizer_state(optim_state, lambda name: f"dimple.{name}")
+                options = StateDictOptions(full_state_dict=True)
+                set_optimizer_state_dict(self.module, self.optimizer, prefixed, options=options)
+            else:
+                index = {name: i for i, name in enumerate(self.trainable_names)}
+                self.optimizer.load_state_dict(_rename_optimizer_state(optim_state, index.__getitem__))
+        except (ValueError, KeyError, RuntimeError, TypeError) as err:
+            raise CheckpointError(
+                f"{checkpoint / ckpt.STATE_DIR / ckpt.OPTIMIZER_TENSORS}: does not fit this run's optimizer ({err})"
+            ) from None
+        ckpt.restore_rng_state(checkpoint, self.dist.rank, state["world_size"])
         self.step = state["step"]
         self.position = state["position"]
         self.skipped = state["skipped_records"]
-        optim_state = ckpt.read_optimizer_state(checkpoint)
-        if self._fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-            prefixed = _rename_optimizer_state(optim_state, lambda name: f"dimple.{name}")
-            options = StateDictOptions(full_state_dict=True)
-            set_optimizer_state_dict(self.module, self.optimizer, prefixed, options=options)
-        else:
-            index = {name: i for i, name in enumerate(self.trainable_names)}
-            self.optimizer.load_state_dict(_rename_optimizer_state(optim_state, index.__getitem__))
-        ckpt.restore_rng_state(checkpoint, self.dist.rank)
         logger.info("resumed from %s at step %d", checkpoint, self.step)
 
     # --------------------------------------------------------------------------------------------------- data
@@ -341,6 +323,17 @@ class Trainer:
         if not samples:
             return None
         return collate(samples, self.tokenizer.pad_token_id, self.model_config).to(self.device)
+
+    def stand_in_batch(self) -> Batch:
+        """A one-sample batch of the first record that builds, to run at weight 0 when a micro-batch held only
+        bad records and no earlier batch exists (e.g. the very first one of a run or of a resume)."""
+        for index in range(len(self.dataset)):
+            try:
+                sample = self.dataset.sample(0, index)
+            except BadRecordError:
+                continue
+            return collate([sample], self.tokenizer.pad_token_id, self.model_config).to(self.device)
+        raise ValueError(f"{self.config.train_file}: no record builds into a sample; every record is bad")
 
     # --------------------------------------------------------------------------------------------------- loss
 
@@ -434,7 +427,7 @@ class Trainer:
                 # Every rank must run the same forward/backward: run a batch seen before at weight 0. It counts
                 # as a zero in the step's mean (and AdamW still steps, on its momentum, if the step had nothing else).
                 if self._fallback is None:
-                    raise RuntimeError("a micro-batch has only bad records and there is no earlier batch to stand in")
+                    self._fallback = self.stand_in_batch()
                 batch, weight = self._fallback, 0.0
             else:
                 self._fallback = batch
@@ -494,9 +487,10 @@ class Trainer:
 
             bar = tqdm(total=config.max_steps, initial=self.step, desc=f"train {config.stage}", unit="step")
         if self.dist.is_main:
-            self._truncate_metrics(self.step)
+            self._prepare_output_dir()
+        self.dist.barrier()
         self.module.train()
-        with _sigterm_to(self.stop):
+        with sigterm_to(self.stop):
             while self.step < config.max_steps:
                 metrics = self.train_step()
                 history.append(metrics)
@@ -527,14 +521,56 @@ class Trainer:
         with (self.output_dir / METRICS_FILE).open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(metrics) + "\n")
 
+    def _prepare_output_dir(self) -> None:
+        """Rank 0, before the first step: delete what overwrite_output_dir allowed to replace (checked in
+        __init__), then bring metrics.jsonl back to the resume point."""
+        if self._stale_checkpoints:
+            for path in self._stale_checkpoints:
+                if path.is_dir():
+                    shutil.rmtree(path)
+            logger.warning("overwrite_output_dir: deleted %s", ", ".join(path.name for path in self._stale_checkpoints))
+        fresh = self.resume_dir is None or self.resume_dir.resolve().parent != self.output_dir.resolve()
+        self._truncate_metrics(-1 if fresh else self.step)
+
     def _truncate_metrics(self, step: int) -> None:
-        """Drop metric lines of steps after ``step`` (they were run after the checkpoint we resume from)."""
+        """Drop metric lines of steps after ``step`` (they were run after the checkpoint we resume from).
+
+        A torn last line (a write cut short by a crash or a full disk) is dropped with a warning; a complete line
+        that cannot be read is kept as it is, with a warning. The file is replaced atomically."""
         path = self.output_dir / METRICS_FILE
         if not path.is_file():
             return
-        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        kept = [line for line in lines if json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        data = path.read_bytes()
+        *complete, tail = data.split(b"\n")
+        kept: list[bytes] = []
+        dropped = unreadable = 0
+        for raw in complete:
+            found = _metrics_step(raw)
+            if found is None:
+                if raw.strip():
+                    kept.append(raw)
+                    unreadable += 1
+            elif found <= step:
+                kept.append(raw)
+            else:
+                dropped += 1
+        if tail.strip():
+            found = _metrics_step(tail)
+            if found is None:
+                logger.warning("%s: dropped a torn last line (%r)", path, tail[:120])
+            elif found <= step:
+                kept.append(tail)
+            else:
+                dropped += 1
+        if unreadable:
+            logger.warning("%s: kept %d line(s) that are not metrics records as they are", path, unreadable)
+        if dropped:
+            logger.warning("%s: dropped %d line(s) of steps after step %d", path, dropped, max(step, 0))
+        new = b"".join(line + b"\n" for line in kept)
+        if new != data:
+            temporary = path.with_name(f".{METRICS_FILE}.tmp")
+            temporary.write_bytes(new)
+            os.replace(temporary, path)
 
     def _full_states(self) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any] | None]:
         """The unsharded model and optimizer states under checkpoint names (on rank 0; collective for FSDP)."""
@@ -593,7 +629,7 @@ class Trainer:
             max_shard_bytes=self.config.max_shard_bytes,
         )
         if self.dist.is_main:
-            ckpt.prune_checkpoints(self.output_dir, self.config.keep_last)
+            ckpt.prune_checkpoints(self.output_dir, self.config.keep_last, self.step)
         self.dist.barrier()
         self._saved_step = self.step
         return path
@@ -601,6 +637,16 @@ class Trainer:
     def close(self) -> None:
         if self.dist.enabled and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _metrics_step(line: bytes) -> int | None:
+    """The step of a metrics.jsonl line, or None when the line is not a metrics record."""
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
 def _rename_optimizer_state(state: dict[str, Any], rename: Callable[[Any], Any]) -> dict[str, Any]:
