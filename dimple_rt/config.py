@@ -365,7 +365,9 @@ class GenerationConfig:
     decoded block by block (``block_length``); a block's first step commits its first masked position,
     every later step its most confident masked position plus every other one whose confidence (of the
     filtered, tempered distribution) is >= ``threshold``; a block ends when it has no mask, so ``steps`` is
-    not used. Per-sequence decisions only; ``alg`` picks the confidence (maskgit_plus is Fast-dLLM's)."""
+    not used. Per-sequence decisions only; ``alg`` picks the confidence (maskgit_plus is Fast-dLLM's). Fast-dLLM's
+    Dream code runs with top_k=50 unless told otherwise (transformers' default, read from the model config), so
+    its confidences come from the top-50 softmax: pass top_k=50 to reproduce its tokens."""
     prefill: bool = True
     """Reuse the prompt K/V computed at step 0 (Dimple's ``use_cache``, an approximation the paper measures).
     False computes every position at every step (and allows only ``cache="prefix"``, meaning no cache)."""
