@@ -98,7 +98,7 @@ def read_text(path: str | os.PathLike, what: str, max_bytes: int) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: {what} is not valid UTF-8 ({err})") from None
+        raise ValueError(f"{path}: not valid UTF-8 ({err})") from None
 
 
 def read_json(
@@ -110,14 +110,19 @@ def read_json(
 ) -> Any:
     """The JSON value in ``path``; ``error`` (a ValueError subclass) names the file when the JSON is invalid, too
     deeply nested, or (with ``expect``) not of the expected top-level type (``dict``: a JSON object)."""
-    text = read_text(path, what, max_bytes)
+    try:
+        text = read_text(path, what, max_bytes)
+    except ValueError as err:  # not a regular file, too large, not UTF-8: one error type per reader
+        if isinstance(err, error):
+            raise
+        raise error(str(err)) from None
     try:
         data = json.loads(text)
     except (ValueError, RecursionError) as err:  # JSONDecodeError, int-digit limits; nesting past the stack
-        raise error(f"{path} is not valid JSON ({type(err).__name__}: {err}); it should hold {what}") from None
+        raise error(f"{path}: not valid JSON ({type(err).__name__}: {err}); it should hold {what}") from None
     if expect is not None and type(data) is not expect:
         kind = {dict: "object", list: "array", str: "string"}.get(expect, expect.__name__)
-        raise error(f"{path} must hold a JSON {kind} ({what}), got {_json_type(data)}")
+        raise error(f"{path}: must hold a JSON {kind} ({what}), got {_json_type(data)}")
     return data
 
 
