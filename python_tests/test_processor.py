@@ -187,7 +187,9 @@ def test_input_kinds_agree(tmp_path: Path) -> None:
 def test_input_errors(tmp_path: Path) -> None:
     processor = ImageProcessor()
     good = random_pixels(56, 56)
-    with pytest.raises(TypeError, match=r"image 1: expected a file path, a PIL image or a uint8/uint16 numpy array, got int"):
+    with pytest.raises(
+        TypeError, match=r"image 1: expected a file path, a PIL image or a uint8/uint16 numpy array, got int"
+    ):
         processor([good, 42])
     with pytest.raises(TypeError, match=r"image 0: .*got Tensor"):
         processor([torch.zeros(56, 56, 3, dtype=torch.uint8)])
