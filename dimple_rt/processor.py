@@ -488,3 +488,38 @@ def expand_image_placeholders(
             k += 1
         expanded.append("".join(out))
     return expanded
+
+
+def expand_image_placeholder_ids(
+    sequences: Sequence[Sequence[int]],
+    image_grid_thw: torch.Tensor | Sequence[Sequence[int]],
+    image_pad_token_id: int,
+    merge_size: int = 2,
+) -> list[list[int]]:
+    """:func:`expand_image_placeholders` on token ids: the k-th ``image_pad_token_id`` (over all sequences, in
+    order) becomes one copy per token of image k.
+
+    Use it after :meth:`~dimple_rt.tokenizer.DimpleTokenizer.encode_chat`: there the only placeholder ids are the
+    template's, one per image item, while a ``<|image_pad|>`` the user typed is plain text and is not counted.
+    """
+    grids = torch.as_tensor(image_grid_thw, dtype=torch.long)
+    if grids.ndim != 2 or grids.shape[1] != 3:
+        raise ValueError(f"image_grid_thw must be (images, 3), got shape {tuple(grids.shape)}")
+    counts = [num_image_tokens(grid, merge_size) for grid in grids]
+    placeholders = sum(list(ids).count(image_pad_token_id) for ids in sequences)
+    if placeholders != len(counts):
+        raise ValueError(
+            f"the token ids hold {placeholders} image placeholders (id {image_pad_token_id}) but there are "
+            f"{len(counts)} images; each image needs exactly one"
+        )
+    expanded, k = [], 0
+    for ids in sequences:
+        out: list[int] = []
+        for token in ids:
+            if token == image_pad_token_id:
+                out.extend([token] * counts[k])
+                k += 1
+            else:
+                out.append(token)
+        expanded.append(out)
+    return expanded

@@ -18,7 +18,8 @@ Untrusted inputs:
   is the raw API, used for generation templates that contain ``<|mask|>``).
 - **Rendering is bounded**: at most :data:`TEMPLATE_TIMEOUT_S` seconds (a trace function checks the clock on
   every line the template runs) and :data:`MAX_TEMPLATE_OUTPUT_CHARS` characters plus twice the input text;
-  string repetition, ``**``, ``%`` and ``str.format`` widths and the width-taking filters are capped so that one
+  every string or list an expression builds is held to the same size limit, checked *before* the operations that
+  multiply sizes (repetition, ``+``, ``~``, replace, padding, ``%``/``format`` widths, joins) so that one
   expression cannot allocate gigabytes. A template over a bound raises :class:`TemplateLimitError`.
 - **Video items** raise NotImplementedError: Dimple has no video projector.
 - Every file is read through :mod:`dimple_rt.files`: regular files only, with size limits.
@@ -26,9 +27,11 @@ Untrusted inputs:
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -78,8 +81,6 @@ MAX_TEMPLATE_OUTPUT_CHARS = 1 << 22
 """Characters a rendered prompt may have beyond twice the conversation's own text (4 Mi)."""
 MAX_TEMPLATE_BYTES = 1 << 20
 """Largest chat template source read from chat_template.jinja (1 MiB)."""
-MAX_TEMPLATE_VALUE = 1_000_000
-"""Largest repetition count, format width or filter width one template expression may use."""
 
 
 class TokenizerFileError(ValueError):
@@ -228,58 +229,143 @@ def _raise_exception(message: str) -> None:
     raise jinja2.exceptions.TemplateError(message)
 
 
-def _too_big(what: str, value: Any) -> TemplateLimitError:
+class _Limits(threading.local):
+    max_chars: int = MAX_TEMPLATE_OUTPUT_CHARS
+    """Largest string or list any one template expression may build during the current render on this thread."""
+
+
+_LIMITS = _Limits()
+
+
+def _too_big(what: str, size: Any) -> TemplateLimitError:
     return TemplateLimitError(
-        f"chat template: {what} {value!r} exceeds the limit {MAX_TEMPLATE_VALUE} (MAX_TEMPLATE_VALUE)"
+        f"chat template: {what} ({size}) exceeds the limit of {_LIMITS.max_chars} for this prompt "
+        "(MAX_TEMPLATE_OUTPUT_CHARS plus twice the conversation's text)"
     )
 
 
-_BIG_NUMBER = re.compile(rf"\d{{{len(str(MAX_TEMPLATE_VALUE))},}}")
+def _check_size(value: Any, what: str) -> Any:
+    """``value``, after checking that a string, list or tuple is within the render's size limit."""
+    if isinstance(value, (str, list, tuple)) and len(value) > _LIMITS.max_chars:
+        raise _too_big(what, len(value))
+    return value
 
 
-def _check_format_string(text: str) -> None:
-    """Refuse widths/precisions >= MAX_TEMPLATE_VALUE and ``*`` widths in a %-format or str.format string."""
-    if _BIG_NUMBER.search(text):
-        raise _too_big("format width", _BIG_NUMBER.search(text).group())  # type: ignore[union-attr]
+def _check_length(length: int, what: str) -> None:
+    if length > _LIMITS.max_chars:
+        raise _too_big(what, length)
+
+
+def _check_int_args(args: Iterable[Any], what: str) -> None:
+    """Integer arguments are widths or counts: each must stay within the size limit."""
+    for arg in args:
+        if isinstance(arg, int) and not isinstance(arg, bool):
+            _check_length(abs(arg), what)
+
+
+_FORMAT_NUMBER = re.compile(r"\d+")
+
+
+def _check_format(text: str, args: Iterable[Any]) -> None:
+    """A %-format or str.format: widths in the string and the arguments' lengths bound the result."""
+    widths = sum(int(n) for n in _FORMAT_NUMBER.findall(text[:100_000]) if len(n) < 30)
+    if any(len(n) >= 30 for n in _FORMAT_NUMBER.findall(text)):
+        raise _too_big("format width", "30+ digits")
     if re.search(r"%[-#0 +]*\*|\{[^{}]*:[^{}]*\{", text):
         raise TemplateLimitError("chat template: widths taken from arguments ('%*d', '{:{}}') are not allowed")
+    arguments = list(args)
+    _check_length(
+        len(text) + widths + sum(len(a) if isinstance(a, (str, list, tuple)) else 32 for a in arguments), "formatted"
+    )
+
+
+def _str_method_bound(method: str, text: str, args: tuple[Any, ...]) -> None:
+    """Refuse a str method call whose result would exceed the size limit, before it runs."""
+    if method == "replace" and len(args) >= 2 and isinstance(args[0], str) and isinstance(args[1], str):
+        count = text.count(args[0]) if args[0] else len(text) + 1
+        if len(args) > 2 and isinstance(args[2], int) and args[2] >= 0:
+            count = min(count, args[2])
+        _check_length(len(text) + count * max(len(args[1]) - len(args[0]), 0), "replace result")
+    elif method in ("center", "ljust", "rjust", "zfill"):
+        _check_int_args(args, f"{method} width")
+    elif method == "expandtabs":
+        _check_int_args(args, "expandtabs size")
+        size = args[0] if args and isinstance(args[0], int) else 8
+        _check_length(len(text) + text.count("\t") * max(size, 0), "expandtabs result")
 
 
 class _BoundedEnvironment(ImmutableSandboxedEnvironment):
-    """transformers' sandbox, plus caps on the expressions that can allocate without running a loop."""
+    """transformers' sandbox, plus a size limit on every string or list an expression builds, checked before the
+    operations that multiply sizes (repetition, replace, padding, format widths, joins) and after every call."""
 
-    intercepted_binops = frozenset({"*", "**", "%"})
+    intercepted_binops = frozenset({"*", "**", "%", "+"})
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
         if operator == "*":
             for seq, count in ((left, right), (right, left)):
-                sized = isinstance(seq, (str, list, tuple)) and isinstance(count, int)
-                if sized and count * max(len(seq), 1) > MAX_TEMPLATE_VALUE:
-                    raise _too_big("repetition size", count * len(seq))
+                if isinstance(seq, (str, list, tuple)) and isinstance(count, int) and not isinstance(count, bool):
+                    _check_length(count * len(seq), "repetition")
         elif operator == "**":
             if isinstance(left, (int, float)) and isinstance(right, (int, float)) and abs(right) > 1024:
                 raise _too_big("exponent", right)
         elif operator == "%" and isinstance(left, str):
-            _check_format_string(left)
-        return super().call_binop(context, operator, left, right)
+            _check_format(left, right if isinstance(right, tuple) else (right,))
+        elif operator == "+" and isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)):
+            _check_length(len(left) + len(right), "concatenation")
+        return _check_size(super().call_binop(context, operator, left, right), f"result of {operator!r}")
 
     def wrap_str_format(self, value: Any) -> Any:
         wrapped = super().wrap_str_format(value)
-        if wrapped is not None:
-            _check_format_string(value.__self__)
-        return wrapped
+        if wrapped is None:
+            return None
+        text = value.__self__
+
+        def bounded(*args: Any, **kwargs: Any) -> str:
+            _check_format(text, [*args, *kwargs.values()])
+            return _check_size(wrapped(*args, **kwargs), "format result")
+
+        return bounded
+
+    def call(self, context: Any, obj: Any, /, *args: Any, **kwargs: Any) -> Any:
+        owner = getattr(obj, "__self__", None)
+        if isinstance(owner, str):
+            name = getattr(obj, "__name__", "")
+            if name == "join" and args:
+                items = list(args[0])
+                _check_length(sum(len(i) if isinstance(i, str) else 0 for i in items) + len(owner) * len(items), "join")
+                args = (items, *args[1:])
+            else:
+                _str_method_bound(name, owner, args)
+        return _check_size(super().call(context, obj, *args, **kwargs), "call result")
 
 
-def _width_filter(name: str, original: Any) -> Any:
-    def bounded(value: Any, *args: Any, **kwargs: Any) -> Any:
-        for arg in (*args, *kwargs.values()):
-            if isinstance(arg, int) and not isinstance(arg, bool) and abs(arg) > MAX_TEMPLATE_VALUE:
-                raise _too_big(f"'{name}' filter argument", arg)
-            if isinstance(arg, str) and len(arg) > MAX_TEMPLATE_VALUE:
-                raise _too_big(f"'{name}' filter argument length", len(arg))
-        if name == "format" and isinstance(value, str):
-            _check_format_string(value)
-        return original(value, *args, **kwargs)
+def _bounded_filter(name: str, original: Any) -> Any:
+    @functools.wraps(original)  # keeps jinja's pass_context/pass_eval_context marker
+    def bounded(*args: Any, **kwargs: Any) -> Any:
+        # Filters take (value, ...) or, for context/environment filters, (context|environment, value, ...).
+        _check_int_args([a for a in (*args, *kwargs.values()) if isinstance(a, int)], f"'{name}' filter argument")
+        strings = [a for a in args if isinstance(a, str)]
+        if name == "replace" and len(strings) >= 3:
+            _str_method_bound("replace", strings[0], tuple(strings[1:3]))
+        if name == "format" and strings:
+            _check_format(strings[0], args[1:])
+        if name == "join":
+            for arg in args:
+                if isinstance(arg, (list, tuple)):
+                    _check_length(sum(len(i) if isinstance(i, str) else 32 for i in arg), "'join' filter result")
+                    break
+        if name == "indent" and strings:
+            _check_length(len(strings[0]) * 2 + 64, "indent result")
+        return _check_size(original(*args, **kwargs), f"'{name}' filter result")
+
+    return bounded
+
+
+def _bounded_join(original: Any) -> Any:
+    def bounded(seq: Any) -> Any:
+        items = list(seq)
+        _check_length(sum(len(i) if isinstance(i, str) else 32 for i in items), "concatenation ('~')")
+        return original(items)
 
     return bounded
 
@@ -288,12 +374,18 @@ def _compile_chat_template(source: str) -> jinja2.Template:
     """Compile with the environment of transformers' ``_compile_jinja_template``, plus the bounds above."""
     env = _BoundedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
-    for name in ("center", "indent", "wordwrap", "truncate", "format"):
-        env.filters[name] = _width_filter(name, env.filters[name])
+    for name, original in list(env.filters.items()):
+        env.filters[name] = _bounded_filter(name, original)
     env.globals.pop("lipsum", None)  # lipsum(n) would build n paragraphs
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env.from_string(source)
+    template = env.from_string(source)
+    # '~' compiles to calls of jinja2.runtime's str_join/markup_join, looked up in the compiled code's globals.
+    namespace = template.root_render_func.__globals__
+    for helper in ("str_join", "markup_join"):
+        if helper in namespace:
+            namespace[helper] = _bounded_join(namespace[helper])
+    return template
 
 
 def _render_bounded(template: jinja2.Template, variables: Mapping[str, Any], max_chars: int, timeout: float) -> str:
@@ -315,6 +407,8 @@ def _render_bounded(template: jinja2.Template, variables: Mapping[str, Any], max
     previous = sys.gettrace()
     pieces: list[str] = []
     size = 0
+    previous_limit = _LIMITS.max_chars
+    _LIMITS.max_chars = max_chars
     sys.settrace(tracer)
     try:
         for chunk in template.generate(**variables):
@@ -327,8 +421,13 @@ def _render_bounded(template: jinja2.Template, variables: Mapping[str, Any], max
             pieces.append(chunk)
             if time.monotonic() > deadline:
                 raise expired()
+    except RecursionError:
+        raise TemplateLimitError("chat template: recursion too deep (a macro calling itself without end?)") from None
+    except MemoryError:
+        raise TemplateLimitError("chat template: ran out of memory while rendering") from None
     finally:
         sys.settrace(previous)
+        _LIMITS.max_chars = previous_limit
     return "".join(pieces)
 
 
