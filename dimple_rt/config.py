@@ -415,9 +415,7 @@ class DimpleConfig:
             raise ConfigError(f"a model config must be a JSON object, got {type(data).__name__}")
         data = dict(data)
         if data.get("model_type") is None:
-            raise ConfigError(
-                f"config.json has no 'model_type': expected one of {SUPPORTED_MODEL_TYPES} (any letter case)"
-            )
+            raise ConfigError(f"no 'model_type' field: expected one of {SUPPORTED_MODEL_TYPES} (any letter case)")
         parameters = data.get("rope_parameters")
         if parameters is not None:
             if not isinstance(parameters, dict):
@@ -426,8 +424,8 @@ class DimpleConfig:
             if data.get("rope_scaling") is None:
                 data["rope_scaling"] = {k: v for k, v in parameters.items() if k != "rope_theta"} or None
         scaling = data.get("rope_scaling")
-        if isinstance(scaling, dict) and "mrope_section" in scaling:
-            data.setdefault("mrope_section", scaling["mrope_section"])
+        if isinstance(scaling, dict) and "mrope_section" in scaling and data.get("mrope_section") is None:
+            data["mrope_section"] = scaling["mrope_section"]
         if data.get("torch_dtype") is None and data.get("dtype") is not None:
             data["torch_dtype"] = data["dtype"]
         return cls(**_known_fields(cls, data))

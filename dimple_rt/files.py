@@ -84,8 +84,12 @@ def read_bytes(path: str | os.PathLike, what: str, max_bytes: int) -> bytes:
         raise FileNotFoundError(f"no such file: {path} ({what})") from None
     except IsADirectoryError:
         raise NotARegularFileError(f"{path} is a folder: {what} must be a regular file") from None
-    with os.fdopen(fd, "rb") as handle:
+    try:
         _check_stat(path, os.fstat(fd), what, max_bytes)
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as handle:
         data = handle.read(max_bytes + 1)  # the file may have grown since fstat
     if len(data) > max_bytes:
         raise FileTooLargeError(f"{path}: {what} may be at most {max_bytes} bytes")

@@ -33,7 +33,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from .files import MAX_JSON_BYTES, read_bytes, read_json
+from .files import MAX_JSON_BYTES, NotARegularFileError, read_bytes, read_json
 from .tokenizer import IMAGE_PAD_TOKEN
 
 ImageInput = str | os.PathLike | PIL.Image.Image | np.ndarray
@@ -148,7 +148,9 @@ def _open_image(image: ImageInput, index: int) -> PIL.Image.Image:
             data = read_bytes(path, f"image {index}", MAX_IMAGE_FILE_BYTES)
         except FileNotFoundError:
             raise FileNotFoundError(f"image {index}: no such file: {path}") from None
-        except ValueError as err:
+        except NotARegularFileError as err:
+            raise NotARegularFileError(f"image {index}: {err}") from None
+        except ValueError as err:  # too large, FileTooLargeError
             raise ImageLimitError(f"image {index}: {err}") from None
         try:
             opened = PIL.Image.open(io.BytesIO(data))
