@@ -47,7 +47,12 @@ def _config(vision: bool, full_attn_mask: bool = True, out_hidden_size: int = 64
         mrope_section=[2, 3, 3],
         full_attn_mask=full_attn_mask,
         vision_config=VisionConfig(
-            depth=2, hidden_size=32, num_heads=2, intermediate_size=48, fullatt_block_indexes=[1], out_hidden_size=out_hidden_size
+            depth=2,
+            hidden_size=32,
+            num_heads=2,
+            intermediate_size=48,
+            fullatt_block_indexes=[1],
+            out_hidden_size=out_hidden_size,
         )
         if vision
         else None,
