@@ -521,7 +521,7 @@ def _folder_problem(path: Path) -> str | None:
         return "does not exist"
     if not path.is_dir():
         return "is not a folder"
-    if not (path / "config.json").is_file():
+    if not (path / "config.json").exists():  # not is_file(): a FIFO there is refused by name when it is read
         return "has no config.json"
     return None
 
@@ -537,7 +537,7 @@ def resolve_model(name: str | os.PathLike, cache_dir: str | os.PathLike | None =
     text = os.fspath(name)
     path = Path(text).expanduser()
     if path.is_dir():
-        if not (path / "config.json").is_file():
+        if not (path / "config.json").exists():
             raise FileNotFoundError(f"{path} is a folder but has no config.json: not a Hugging Face checkpoint folder")
         return path
     looked = [f"local folder {path.absolute()}: {_folder_problem(path)}"]
