@@ -399,17 +399,24 @@ def _render_bounded(template: jinja2.Template, variables: Mapping[str, Any], max
     def expired() -> TemplateLimitError:
         return TemplateLimitError(f"chat template: rendering took longer than {timeout:g} s (TEMPLATE_TIMEOUT_S)")
 
-    def tracer(frame: FrameType, event: str, arg: Any) -> Any:
+    def on_line(frame: FrameType, event: str, arg: Any) -> Any:
         if time.monotonic() > deadline:
             raise expired()
-        return tracer
+        return on_line
+
+    def on_call(frame: FrameType, event: str, arg: Any) -> Any:
+        # Every Python call checks the clock; only the template's own code (where its loops are) is traced line
+        # by line, which keeps the overhead to a few times the plain render.
+        if time.monotonic() > deadline:
+            raise expired()
+        return on_line if frame.f_code.co_filename == "<template>" else None
 
     previous = sys.gettrace()
     pieces: list[str] = []
     size = 0
     previous_limit = _LIMITS.max_chars
     _LIMITS.max_chars = max_chars
-    sys.settrace(tracer)
+    sys.settrace(on_call)
     try:
         for chunk in template.generate(**variables):
             size += len(chunk)
@@ -584,7 +591,7 @@ class DimpleTokenizer:
     @cached_property
     def special_token_strings(self) -> frozenset[str]:
         """Contents of every special added token (``<|im_end|>``, ``<|image_pad|>``, ``<|mask|>``, ...)."""
-        return frozenset(t.content for t in self._tokenizer.get_added_tokens_decoder().values() if t.special)
+        return frozenset(t.content for t in self._tokenizer.get_added_tokens_decoder().values() if t.special and t.content)
 
     @cached_property
     def _special_ids(self) -> frozenset[int]:
