@@ -82,14 +82,20 @@ def _check_bool(obj: object, prefix: str, *names: str) -> None:
 def _check_float(obj: object, prefix: str, name: str, low: float, high: float, low_open: bool) -> float:
     """A finite real in (low, high] or [low, high]; returned as float."""
     value = getattr(obj, name)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        ok = False
-    else:
-        ok = (value > low if low_open else value >= low) and value <= high
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok:
+        try:
+            number = float(value)  # an int beyond float range overflows: refused below
+        except OverflowError:
+            number = math.inf
+        ok = math.isfinite(number) and (number > low if low_open else number >= low) and number <= high
     if not ok:
         bracket = "(" if low_open else "["
-        raise ConfigError(f"{prefix}{name} must be a finite number in {bracket}{low:g}, {high:g}], got {value!r}")
-    return float(value)
+        shown = (
+            value if not isinstance(value, int) or abs(value) < 10**30 else f"an integer of {len(str(value))} digits"
+        )
+        raise ConfigError(f"{prefix}{name} must be a finite number in {bracket}{low:g}, {high:g}], got {shown!r}")
+    return number
 
 
 def _check_activation(value: object, name: str) -> None:

@@ -591,7 +591,9 @@ class DimpleTokenizer:
     @cached_property
     def special_token_strings(self) -> frozenset[str]:
         """Contents of every special added token (``<|im_end|>``, ``<|image_pad|>``, ``<|mask|>``, ...)."""
-        return frozenset(t.content for t in self._tokenizer.get_added_tokens_decoder().values() if t.special and t.content)
+        return frozenset(
+            t.content for t in self._tokenizer.get_added_tokens_decoder().values() if t.special and t.content
+        )
 
     @cached_property
     def _special_ids(self) -> frozenset[int]:

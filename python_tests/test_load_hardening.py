@@ -775,3 +775,22 @@ def test_long_user_text_is_within_the_bounds(tok: DimpleTokenizer) -> None:
     text = "word " * 1_000_000  # 5 M characters: beyond the fixed allowance, within twice the text
     prompt = tok.apply_chat_template([{"role": "user", "content": text}])
     assert text in prompt
+
+
+FUZZ_VALUES = [None, -1, 0, 1, 3, 2**63, 10**400, 1e308, math.nan, math.inf, -0.0, "x", "", [], [1, 2, 3], [-1, 9, 8]]
+FUZZ_VALUES += [{}, {"type": "default"}, {"rope_type": "linear"}, True, False, 0.5]
+
+
+def test_every_config_field_fails_only_with_a_config_error() -> None:
+    """Each field of config.json and vision_config, set to each odd value: a valid config or a ConfigError."""
+    base = dimple_dict()
+    keys = [*base, *base["vision_config"], "rope_parameters", "dtype", "in_chans"]
+    for key in keys:
+        for value in FUZZ_VALUES:
+            data = json.loads(json.dumps(base))
+            target = data["vision_config"] if key in base["vision_config"] or key == "in_chans" else data
+            target[key] = value
+            try:
+                DimpleConfig.from_dict(data)
+            except ConfigError:
+                pass
