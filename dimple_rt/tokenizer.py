@@ -166,6 +166,10 @@ def _special_token_strings(config: Mapping[str, Any], source: Path) -> tuple[dic
             tokens.append(token)
     for key in ("additional_special_tokens", "extra_special_tokens"):
         extra = config.get(key) or []
+        if not isinstance(extra, (list, Mapping)):
+            raise TokenizerFileError(
+                f"{source}: {key} must be a list of tokens, got {type(extra).__name__} {extra!r:.60}"
+            )
         for value in extra.values() if isinstance(extra, Mapping) else extra:
             tokens.append(_added_token(value, special=True, source=source))
     return named, tokens

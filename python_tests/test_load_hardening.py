@@ -794,3 +794,27 @@ def test_every_config_field_fails_only_with_a_config_error() -> None:
                 DimpleConfig.from_dict(data)
             except ConfigError:
                 pass
+
+
+def test_every_preprocessor_field_fails_only_with_a_value_error() -> None:
+    for key in [*ImageProcessor.__dataclass_fields__, "size"]:
+        for value in [*FUZZ_VALUES, {"longest_edge": 10**12}, {"shortest_edge": -5}]:
+            try:
+                ImageProcessor.from_dict({key: value})
+            except ValueError:
+                pass
+
+
+def test_every_tokenizer_config_field_fails_only_with_a_named_error(tmp_path: Path) -> None:
+    for name in ("vocab.json", "merges.txt"):
+        (tmp_path / name).write_bytes((TINY / name).read_bytes())
+    base = json.loads((TINY / "tokenizer_config.json").read_text())
+    odd = [*FUZZ_VALUES, {"content": 5}, [{"content": "x"}], {"999999999": {"content": "zz"}}]
+    for key in base:
+        for value in odd:
+            write_json(tmp_path / "tokenizer_config.json", {**base, key: value})
+            try:
+                tokenizer = DimpleTokenizer.from_pretrained(tmp_path)
+                tokenizer.encode_chat([{"role": "user", "content": "hi <|im_end|>"}])
+            except (ValueError, KeyError):  # TokenizerFileError, TemplateLimitError, unknown special token
+                pass
