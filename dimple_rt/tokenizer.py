@@ -80,7 +80,8 @@ TEMPLATE_TIMEOUT_S = 5.0
 MAX_TEMPLATE_OUTPUT_CHARS = 1 << 22
 """Characters a rendered prompt may have beyond twice the conversation's own text (4 Mi)."""
 MAX_TEMPLATE_BYTES = 1 << 20
-"""Largest chat template source read from chat_template.jinja (1 MiB)."""
+"""Largest chat template source (chat_template.jinja, or the string in tokenizer_config/chat_template.json): 1 Mi
+characters; Qwen2.5-VL's is 1.4 K."""
 
 
 class TokenizerFileError(ValueError):
@@ -458,6 +459,10 @@ def _load_chat_template(directory: Path, config: Mapping[str, Any]) -> str | Non
         template = {entry["name"]: entry["template"] for entry in template}.get("default")
     if template is not None and not isinstance(template, str):
         raise TokenizerFileError(f"{directory}: chat_template must be a string, got {type(template).__name__}")
+    if template is not None and len(template) > MAX_TEMPLATE_BYTES:
+        raise TokenizerFileError(
+            f"{directory}: chat_template has {len(template)} characters; at most {MAX_TEMPLATE_BYTES} are accepted"
+        )
     return template
 
 
@@ -652,7 +657,14 @@ class DimpleTokenizer:
     def _compiled_template(self) -> jinja2.Template:
         if self.chat_template is None:
             raise ValueError("this checkpoint has no chat template (tokenizer_config.json, chat_template.json/.jinja)")
-        return _compile_chat_template(self.chat_template)
+        if len(self.chat_template) > MAX_TEMPLATE_BYTES:
+            raise TemplateLimitError(
+                f"chat template: {len(self.chat_template)} characters, at most {MAX_TEMPLATE_BYTES}"
+            )
+        try:
+            return _compile_chat_template(self.chat_template)
+        except (RecursionError, MemoryError):
+            raise TemplateLimitError("chat template: too deeply nested to compile") from None
 
     def apply_chat_template(
         self,

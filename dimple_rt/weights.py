@@ -294,7 +294,8 @@ def device_memory_bytes(device: str | torch.device) -> int | None:
         except (ValueError, OSError, AttributeError):
             return None
     if device.type == "cuda" and torch.cuda.is_available():
-        return torch.cuda.get_device_properties(device.index or 0).total_memory
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.cuda.get_device_properties(index).total_memory
     return None
 
 

@@ -818,3 +818,13 @@ def test_every_tokenizer_config_field_fails_only_with_a_named_error(tmp_path: Pa
                 tokenizer.encode_chat([{"role": "user", "content": "hi <|im_end|>"}])
             except (ValueError, KeyError):  # TokenizerFileError, TemplateLimitError, unknown special token
                 pass
+
+
+@pytest.mark.parametrize(
+    "source",
+    ["{% if 1 %}" * 5000 + "x" + "{% endif %}" * 5000, "{{ " + "(" * 3000 + "1" + ")" * 3000 + " }}", "x" * (2 << 20)],
+    ids=["nested_blocks", "nested_parentheses", "too_long"],
+)
+def test_template_compilation_is_bounded(source: str) -> None:
+    with pytest.raises(TemplateLimitError, match=r"^chat template: "):
+        with_template(source).apply_chat_template([{"role": "user", "content": "hi"}])
