@@ -714,11 +714,11 @@ class DimpleTokenizer:
         rendered = self._render(chat, add_generation_prompt, kwargs, text_length)
         if parse_special_tokens:
             return self.encode(rendered)
+        self._check_other_strings(chat)
         texts: list[str] = []
         _collect_texts(chat, texts)
         if not any(self.contains_special_token(text) for text in texts):
             return self.encode(rendered)  # nothing to neutralise: exactly the plain encoding
-        self._check_other_strings(chat)
 
         # Render again with every message text replaced by a unique placeholder; the template's own text is what
         # lies between them.
