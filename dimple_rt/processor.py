@@ -122,6 +122,8 @@ def _eight_bit(image: PIL.Image.Image, index: int) -> PIL.Image.Image:
     """
     if image.mode.startswith("I;16") or image.mode == "I":
         return PIL.Image.fromarray(_scale_to_8_bits(np.asarray(image), 65535), mode="L")
+    if image.mode == "La":  # premultiplied gray + alpha: Pillow converts it to RGB only through LA
+        return image.convert("LA")
     if image.mode == "F":
         raise ValueError(
             f"image {index}: mode F (32-bit float pixels) has no defined value range; convert it to 8 or 16 bits first"
@@ -474,7 +476,9 @@ def expand_image_placeholders(
     """Replace the k-th ``image_pad_token`` (counting over all texts, in order) by one copy per token of image k.
 
     The authors' processor does this before tokenising (spec §2); the model then scatters image k's features
-    into those positions, so the counts must match exactly.
+    into those positions, so the counts must match exactly. On text, a ``<|image_pad|>`` the user typed counts
+    as a placeholder too: for untrusted text use :func:`expand_image_placeholder_ids` after
+    :meth:`~dimple_rt.tokenizer.DimpleTokenizer.encode_chat`.
     """
     grids = torch.as_tensor(image_grid_thw, dtype=torch.long)
     if grids.ndim != 2 or grids.shape[1] != 3:

@@ -597,9 +597,11 @@ def test_16_bit_rgb_array_and_other_modes() -> None:
     processor = ImageProcessor()
     assert torch.equal(processor([rgb16]).pixel_values, processor([eight_bit(rgb16)]).pixel_values)
     gray = eight_bit(GRADIENT_16)
-    for mode in ("LA", "PA"):  # alpha dropped as in transformers 4.46, values kept
-        image = PIL.Image.fromarray(gray).convert(mode)
-        assert torch.equal(processor([image]).pixel_values, processor([image.convert("RGB")]).pixel_values)
+    for mode in ("LA", "PA", "La"):  # alpha dropped as in transformers 4.46, values kept
+        image = PIL.Image.fromarray(gray).convert("LA" if mode == "La" else mode)
+        image = image.convert("La") if mode == "La" else image
+        rgb = (image.convert("LA") if mode == "La" else image).convert("RGB")
+        assert torch.equal(processor([image]).pixel_values, processor([rgb]).pixel_values)
     with pytest.raises(ValueError, match=r"image 0: mode F \(32-bit float pixels\) has no defined value range"):
         processor([PIL.Image.fromarray(GRADIENT_16.astype(np.float32))])
 
