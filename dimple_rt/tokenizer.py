@@ -484,7 +484,17 @@ class DimpleTokenizer:
         token strings; ``chat_template`` is the Jinja source, or None when the checkpoint has none."""
         self._tokenizer = tokenizer
         self.special_tokens_map: dict[str, str] = dict(special_tokens or {})
-        self.chat_template = chat_template
+        self._chat_template = chat_template
+
+    @property
+    def chat_template(self) -> str | None:
+        """The Jinja source of the chat template, or None; assigning a new one recompiles it on next use."""
+        return self._chat_template
+
+    @chat_template.setter
+    def chat_template(self, source: str | None) -> None:
+        self._chat_template = source
+        self.__dict__.pop("_compiled_template", None)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> DimpleTokenizer:

@@ -832,3 +832,10 @@ def test_every_tokenizer_config_field_fails_only_with_a_named_error(tmp_path: Pa
 def test_template_compilation_is_bounded(source: str) -> None:
     with pytest.raises(TemplateLimitError, match=r"^chat template: "):
         with_template(source).apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_assigning_a_chat_template_takes_effect_after_use() -> None:
+    tokenizer = DimpleTokenizer.from_pretrained(TINY)
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}]).startswith("<|im_start|>system")
+    tokenizer.chat_template = "[{{ messages[0]['content'] }}]"
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}]) == "[hi]"
