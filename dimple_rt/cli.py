@@ -31,7 +31,8 @@ def _run_forward(model: str, prompt: str, image: object | None, backend: str) ->
     start = time.perf_counter()
     logits = rt.forward(inputs.input_ids, inputs.attention_mask, inputs.pixel_values, inputs.image_grid_thw)
     elapsed = time.perf_counter() - start
-    n_image_tokens = int((inputs.input_ids == rt.config.image_token_id).sum())
+    image_id = rt.config.image_token_id
+    n_image_tokens = 0 if image_id is None else int((inputs.input_ids == image_id).sum())
     print(f"prompt: {inputs.input_ids.shape[1]} tokens ({n_image_tokens} image tokens)")
     print(f"forward: logits {tuple(logits.shape)} in {elapsed:.3f} s, finite={bool(torch.isfinite(logits).all())}")
     top = logits[0, -1].topk(5)

@@ -7,12 +7,19 @@ frames and cut into 14×14 patches in merge-block order. We redo it without tran
 numeric steps are per pixel value, done in the same dtypes, and the resize is the same PIL call. Two places where
 transformers 5 changed behaviour follow the authors' 4.46 instead: images with alpha lose it (``convert("RGB")``)
 rather than being composited onto white, and sides under 28 pixels are an error rather than scaled up.
+
+Inputs are bounded before anything large is built: at most :data:`MAX_IMAGES` images per call, image files of at
+most :data:`MAX_IMAGE_FILE_BYTES` and :data:`MAX_INPUT_PIXELS` pixels (checked from the header, before
+decoding), ``max_pixels`` at most :data:`MAX_PIXELS_LIMIT`, and the vision tokens of one call at most
+:data:`MAX_TOTAL_IMAGE_TOKENS` (computed from the image sizes before any image is resized). Images with more
+than 8 bits per sample (16-bit PNG gray ``I;16``, 32-bit ``I``, uint16 arrays) are scaled to 8 bits
+(``round(v · 255 / 65535)``) rather than clipped to white by Pillow's ``convert``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import io
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -24,11 +31,42 @@ import numpy as np
 import PIL.Image
 import torch
 
+from .files import MAX_JSON_BYTES, NotARegularFileError, read_bytes, read_json
 from .io import write_json
 from .tokenizer import IMAGE_PAD_TOKEN
 
 ImageInput = str | os.PathLike | PIL.Image.Image | np.ndarray
-"""A file path, a PIL image, or a uint8 array: (H, W) gray, (H, W, 1), (H, W, 3) RGB or (H, W, 4) RGBA."""
+"""A file path, a PIL image, or a uint8/uint16 array: (H, W) gray, (H, W, 1), (H, W, 3) RGB or (H, W, 4) RGBA."""
+
+MAX_IMAGES = 256
+"""Most images one processor call (one generate request, all its conversations) takes."""
+MAX_IMAGE_FILE_BYTES = 256 << 20
+"""Largest image file read (256 MiB)."""
+MAX_INPUT_PIXELS = 1 << 28
+"""Largest image (width x height, 268 Mpx, e.g. 16384x16384) decoded or taken; checked from the file header."""
+MAX_PIXELS_LIMIT = 4 * 12845056
+"""Upper bound of ``max_pixels`` (and so of ``min_pixels``): 65536 vision tokens per image, 4x Qwen2.5-VL's
+default, 455x Dimple-7B's trained 112896."""
+MAX_TOTAL_IMAGE_TOKENS = 1 << 17
+"""Most vision tokens (merged patches) all images of one call may produce: Dimple-7B's 131072 positions."""
+VIDEO_INPUT_KEYS = ("pixel_values_videos", "video_grid_thw", "videos", "second_per_grid_ts")
+"""Processor/model inputs that carry video, which is not supported."""
+
+
+class ImageLimitError(ValueError):
+    """A request whose images exceed a stated bound (count, file size, pixels, vision tokens)."""
+
+
+def check_no_video(inputs: Mapping[str, Any]) -> None:
+    """NotImplementedError when ``inputs`` (a processor/model input dict) carries video; None values are ignored.
+
+    The authors' model has no video projector either ("Video feature projector not implemented")."""
+    present = [key for key in VIDEO_INPUT_KEYS if inputs.get(key) is not None]
+    if present:
+        raise NotImplementedError(
+            f"video inputs ({', '.join(present)}) are not supported: Dimple has no video projector; pass images"
+        )
+
 
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -68,26 +106,63 @@ def smart_resize(
     return h_bar, w_bar
 
 
-def load_image(image: ImageInput, index: int = 0) -> PIL.Image.Image:
-    """``image`` as a PIL image in its own mode (no RGB conversion: callers differ on when that happens).
+def _scale_to_8_bits(values: np.ndarray, maximum: int) -> np.ndarray:
+    """Integers in [0, maximum] → uint8, rounded: ``round(v · 255 / maximum)``."""
+    wide = np.clip(values.astype(np.int64), 0, maximum)
+    return ((wide * 255 + maximum // 2) // maximum).astype(np.uint8)
 
-    ``index`` is the image's place in the caller's list, for the error messages.
+
+def _eight_bit(image: PIL.Image.Image, index: int) -> PIL.Image.Image:
+    """Modes with more than 8 bits per sample, scaled to 8 bits: Pillow's ``convert`` would clip them to 255.
+
+    ``I;16*`` (16-bit gray, how Pillow opens 16-bit gray PNGs) and ``I`` (32-bit integers, which 16-bit PNGs give in
+    older Pillows) are read as 16-bit values [0, 65535] → ``L``. Pillow itself reduces 16-bit RGB(A)/LA PNGs to
+    8 bits by their high byte. ``F`` has no defined range and is refused.
     """
+    if image.mode.startswith("I;16") or image.mode == "I":
+        return PIL.Image.fromarray(_scale_to_8_bits(np.asarray(image), 65535), mode="L")
+    if image.mode == "La":  # premultiplied gray + alpha: Pillow converts it to RGB only through LA
+        return image.convert("LA")
+    if image.mode == "F":
+        raise ValueError(
+            f"image {index}: mode F (32-bit float pixels) has no defined value range; convert it to 8 or 16 bits first"
+        )
+    return image
+
+
+def _check_input_pixels(width: int, height: int, index: int) -> None:
+    if width * height > MAX_INPUT_PIXELS:
+        raise ImageLimitError(
+            f"image {index} is {width}x{height} (width x height) = {width * height} pixels; at most "
+            f"{MAX_INPUT_PIXELS} pixels are accepted (MAX_INPUT_PIXELS)"
+        )
+
+
+def _open_image(image: ImageInput, index: int) -> PIL.Image.Image:
+    """``image`` as a PIL image; a file is read (bounded) and opened but not decoded yet."""
     if isinstance(image, PIL.Image.Image):
+        _check_input_pixels(image.width, image.height, index)
         return image
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
-        if not path.is_file():
-            raise FileNotFoundError(f"image {index}: no such file: {path}")
         try:
-            with PIL.Image.open(path) as opened:
-                opened.load()  # decode now, so a truncated file fails here and the file can be closed
-                return opened
+            data = read_bytes(path, f"image {index}", MAX_IMAGE_FILE_BYTES)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"image {index}: no such file: {path}") from None
+        except NotARegularFileError as err:
+            raise NotARegularFileError(f"image {index}: {err}") from None
+        except ValueError as err:  # too large, FileTooLargeError
+            raise ImageLimitError(f"image {index}: {err}") from None
+        try:
+            opened = PIL.Image.open(io.BytesIO(data))
         except (OSError, SyntaxError, ValueError) as err:
             raise ValueError(f"image {index}: cannot read {path} as an image: {err}") from err
+        _check_input_pixels(opened.width, opened.height, index)
+        opened.filename_for_errors = str(path)  # type: ignore[attr-defined]
+        return opened
     if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8:
-            raise TypeError(f"image {index}: a numpy image must be uint8, got {image.dtype}")
+        if image.dtype not in (np.uint8, np.uint16):
+            raise TypeError(f"image {index}: a numpy image must be uint8 or uint16, got {image.dtype}")
         if image.ndim == 3 and image.shape[2] == 1:
             image = image[:, :, 0]
         if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4))):
@@ -95,10 +170,30 @@ def load_image(image: ImageInput, index: int = 0) -> PIL.Image.Image:
                 f"image {index}: a numpy image must be (H, W) gray, (H, W, 3) RGB or (H, W, 4) RGBA,"
                 f" got shape {tuple(image.shape)}"
             )
-        return PIL.Image.fromarray(image)  # mode L, RGB or RGBA from the shape
+        _check_input_pixels(image.shape[1], image.shape[0], index)
+        if image.dtype == np.uint16:
+            image = _scale_to_8_bits(image, 65535)
+        return PIL.Image.fromarray(np.ascontiguousarray(image))  # mode L, RGB or RGBA from the shape
     raise TypeError(
-        f"image {index}: expected a file path, a PIL image or a uint8 numpy array, got {type(image).__name__}"
+        f"image {index}: expected a file path, a PIL image or a uint8/uint16 numpy array, got {type(image).__name__}"
     )
+
+
+def load_image(image: ImageInput, index: int = 0) -> PIL.Image.Image:
+    """``image`` as a decoded PIL image in its own mode, except that samples wider than 8 bits are scaled to 8 bits
+    (no RGB conversion: callers differ on when that happens). ``index`` is the image's place in the caller's list,
+    for the error messages. Files must be regular files within :data:`MAX_IMAGE_FILE_BYTES` and
+    :data:`MAX_INPUT_PIXELS`."""
+    return _decoded(_open_image(image, index), index)
+
+
+def _decoded(image: PIL.Image.Image, index: int) -> PIL.Image.Image:
+    try:
+        image.load()  # decode now (a no-op for a decoded image), so a truncated file fails here
+    except (OSError, SyntaxError, ValueError) as err:
+        where = getattr(image, "filename_for_errors", "the image")
+        raise ValueError(f"image {index}: cannot read {where} as an image: {err}") from err
+    return _eight_bit(image, index)
 
 
 def regularize_image(image: ImageInput, min_pixels: int, max_pixels: int) -> PIL.Image.Image:
@@ -140,7 +235,12 @@ def _is_int(value: object) -> bool:
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond float range
+        return False
 
 
 @dataclass
@@ -184,6 +284,14 @@ class ImageProcessor:
             value = getattr(self, field)
             if not _is_int(value) or value <= 0:
                 raise ValueError(f"{name}.{field} must be a positive integer, got {value!r}")
+        if self.max_pixels > MAX_PIXELS_LIMIT:
+            raise ValueError(
+                f"{name}.max_pixels must be at most {MAX_PIXELS_LIMIT} ({MAX_PIXELS_LIMIT // 784} vision tokens per "
+                f"image), got {self.max_pixels}"
+            )
+        for field in ("patch_size", "temporal_patch_size", "merge_size"):
+            if getattr(self, field) > 64:
+                raise ValueError(f"{name}.{field} must be an integer in [1, 64], got {getattr(self, field)!r}")
         if self.min_pixels > self.max_pixels:
             raise ValueError(f"{name}.min_pixels ({self.min_pixels}) must not exceed max_pixels ({self.max_pixels})")
         for field in ("image_mean", "image_std"):
@@ -232,14 +340,9 @@ class ImageProcessor:
     def from_pretrained(cls, directory: str | os.PathLike) -> ImageProcessor:
         """Read ``preprocessor_config.json`` from a checkpoint folder."""
         path = Path(directory) / PREPROCESSOR_CONFIG
-        if not path.is_file():
+        if not path.exists():
             raise FileNotFoundError(f"no {PREPROCESSOR_CONFIG} in {directory}: it holds the image processor settings")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{path}: not valid JSON: {err}") from err
-        if type(data) is not dict:  # json.loads gives exactly dict for an object
-            raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        data = read_json(path, "the image processor settings", MAX_JSON_BYTES, dict)
         try:
             return cls.from_dict(data)
         except ValueError as err:
@@ -267,10 +370,28 @@ class ImageProcessor:
         batch = list(images) if isinstance(images, (list, tuple)) else [images]
         if not batch:
             raise ValueError("no images given")
+        if len(batch) > MAX_IMAGES:
+            raise ImageLimitError(f"{len(batch)} images in one call; at most {MAX_IMAGES} are accepted (MAX_IMAGES)")
+        # Open every image (header only) and add up the vision tokens before decoding or resizing any of them.
+        opened = [_open_image(image, index) for index, image in enumerate(batch)]
+        tokens = 0
+        for index, image in enumerate(opened):
+            height, width = image.height, image.width
+            if self.do_resize:
+                try:
+                    height, width = smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)
+                except ValueError as err:
+                    raise ValueError(f"image {index}: {err}") from err
+            tokens += (height // self.factor) * (width // self.factor)
+        if tokens > MAX_TOTAL_IMAGE_TOKENS:
+            raise ImageLimitError(
+                f"the {len(batch)} images would give {tokens} vision tokens; at most {MAX_TOTAL_IMAGE_TOKENS} per call "
+                "are accepted (MAX_TOTAL_IMAGE_TOKENS): pass fewer or smaller images, or lower max_pixels"
+            )
         table = self._value_table()
         patches, grids = [], []
-        for index, image in enumerate(batch):
-            image_patches, grid = self._patchify(self._resized_rgb(load_image(image, index), index), table)
+        for index, image in enumerate(opened):
+            image_patches, grid = self._patchify(self._resized_rgb(_decoded(image, index), index), table)
             patches.append(image_patches)
             grids.append(grid)
         return ProcessedImages(torch.cat(patches), torch.tensor(grids, dtype=torch.long))
@@ -345,7 +466,9 @@ def expand_image_placeholders(
     """Replace the k-th ``image_pad_token`` (counting over all texts, in order) by one copy per token of image k.
 
     The authors' processor does this before tokenising (spec §2); the model then scatters image k's features
-    into those positions, so the counts must match exactly.
+    into those positions, so the counts must match exactly. On text, a ``<|image_pad|>`` the user typed counts
+    as a placeholder too: for untrusted text use :func:`expand_image_placeholder_ids` after
+    :meth:`~dimple_rt.tokenizer.DimpleTokenizer.encode_chat`.
     """
     grids = torch.as_tensor(image_grid_thw, dtype=torch.long)
     if grids.ndim != 2 or grids.shape[1] != 3:
@@ -365,4 +488,39 @@ def expand_image_placeholders(
             out.append(image_pad_token * counts[k] + piece)
             k += 1
         expanded.append("".join(out))
+    return expanded
+
+
+def expand_image_placeholder_ids(
+    sequences: Sequence[Sequence[int]],
+    image_grid_thw: torch.Tensor | Sequence[Sequence[int]],
+    image_pad_token_id: int,
+    merge_size: int = 2,
+) -> list[list[int]]:
+    """:func:`expand_image_placeholders` on token ids: the k-th ``image_pad_token_id`` (over all sequences, in
+    order) becomes one copy per token of image k.
+
+    Use it after :meth:`~dimple_rt.tokenizer.DimpleTokenizer.encode_chat`: there the only placeholder ids are the
+    template's, one per image item, while a ``<|image_pad|>`` the user typed is plain text and is not counted.
+    """
+    grids = torch.as_tensor(image_grid_thw, dtype=torch.long)
+    if grids.ndim != 2 or grids.shape[1] != 3:
+        raise ValueError(f"image_grid_thw must be (images, 3), got shape {tuple(grids.shape)}")
+    counts = [num_image_tokens(grid, merge_size) for grid in grids]
+    placeholders = sum(list(ids).count(image_pad_token_id) for ids in sequences)
+    if placeholders != len(counts):
+        raise ValueError(
+            f"the token ids hold {placeholders} image placeholders (id {image_pad_token_id}) but there are "
+            f"{len(counts)} images; each image needs exactly one"
+        )
+    expanded, k = [], 0
+    for ids in sequences:
+        out: list[int] = []
+        for token in ids:
+            if token == image_pad_token_id:
+                out.extend([token] * counts[k])
+                k += 1
+            else:
+                out.append(token)
+        expanded.append(out)
     return expanded

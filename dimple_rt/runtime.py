@@ -17,13 +17,12 @@ from .config import MAX_NEW_TOKENS, DimpleConfig, GenerationConfig, check_int
 from .generation.loop import DecodeRequest, LogitsHook, TokensHook, denoise
 from .generation.priors import build_canvas, parse_template
 from .model.dimple import DimpleModel
-from .processor import ImageProcessor, expand_image_placeholders
+from .processor import VIDEO_INPUT_KEYS, ImageProcessor, check_no_video, expand_image_placeholder_ids
 from .tokenizer import DimpleTokenizer
-from .weights import load_state_dict_into, resolve_model
+from .weights import load_state_dict_into, resolve_dtype, resolve_model
 
 Message = dict[str, Any]
 Prompt = str | Sequence[Message] | Sequence[str | Sequence[Message]]
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MODEL_INPUT_FIELDS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
 
 
@@ -86,7 +85,8 @@ class Runtime:
     """A loaded Dimple checkpoint.
 
     ``model`` is an alias (``"dimple-7b"``), a folder in Hugging Face layout, or a repo id found in the
-    local Hugging Face cache. ``dtype`` defaults to fp32 on CPU; ``backend`` is ``"kernels"`` (the C++/CUDA
+    local Hugging Face cache. ``dtype`` (a torch dtype, a name such as "bfloat16", or "auto": the checkpoint's
+    stored dtype) defaults to fp32 on CPU; ``backend`` is ``"kernels"`` (the C++/CUDA
     ops) or ``"reference"`` (plain torch); ``self.backend`` holds the chosen :class:`~dimple_rt.backend.Backend`.
     """
 
@@ -95,17 +95,15 @@ class Runtime:
         model: str | os.PathLike,
         *,
         device: str | torch.device | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
         backend: str = "kernels",
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.device = torch.device(device if device is not None else "cpu")
-        self.dtype = dtype if dtype is not None else torch.float32
-        if self.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"dtype must be one of {SUPPORTED_DTYPES}, got {self.dtype}")
         self.backend: Backend = backend_for(backend)
         self.path: Path = resolve_model(model)
+        self.dtype: torch.dtype = resolve_dtype(dtype, self.path) or torch.float32
         self.config = DimpleConfig.from_json_file(self.path / "config.json")
         with torch.device("meta"):
             self.model = DimpleModel(self.config)
@@ -116,25 +114,30 @@ class Runtime:
         if self.config.vision_config is not None:
             self.processor = ImageProcessor.from_pretrained(self.path)
 
-    def prepare(self, conversations: Prompt) -> ModelInputs:
-        """Chat template → image placeholder expansion → token ids, left padded, as the authors' processor.
+    def prepare(self, conversations: Prompt, *, parse_special_tokens: bool = False) -> ModelInputs:
+        """Chat template → token ids → image placeholder expansion, left padded, as the authors' processor.
 
         A plain string is one user turn; a list of messages is one conversation; a list of conversations (or of
         strings) is a batch. Images are the conversation's image items (paths, PIL images or uint8 arrays).
+        Only the template makes structure: special-token strings in message text (``<|im_end|>``, a typed
+        ``<|image_pad|>``) stay plain text, unless ``parse_special_tokens=True`` says the caller built a raw
+        prompt on purpose.
         """
         batch = _as_batch(conversations)
         if not batch or any(not conv for conv in batch):
             raise ValueError("prepare needs at least one non-empty conversation")
-        texts = [self.tokenizer.apply_chat_template(conv, add_generation_prompt=True) for conv in batch]
         images = [image for conv in batch for image in _images_of(conv)]
+        ids = [self.tokenizer.encode_chat(conv, parse_special_tokens=parse_special_tokens) for conv in batch]
         pixel_values = image_grid_thw = None
         if images:
             if self.processor is None:
                 raise ValueError("this checkpoint has no vision tower (text-only model): it cannot take images")
             processed = self.processor(images)
             pixel_values, image_grid_thw = processed.pixel_values, processed.image_grid_thw
-            texts = expand_image_placeholders(texts, image_grid_thw)
-        input_ids, attention_mask = self.tokenizer.pad_batch([self.tokenizer.encode(t) for t in texts])
+            ids = expand_image_placeholder_ids(
+                ids, image_grid_thw, self.config.image_token_id, self.processor.merge_size
+            )
+        input_ids, attention_mask = self.tokenizer.pad_batch(ids)
         return ModelInputs(input_ids, attention_mask, pixel_values, image_grid_thw)
 
     @torch.inference_mode()
@@ -198,7 +201,7 @@ class Runtime:
     # Generation ---------------------------------------------------------------------------------------------------
 
     def _model_inputs(
-        self, inputs: Prompt | ModelInputs | Mapping[str, Any] | None, tensors: dict[str, Any]
+        self, inputs: Prompt | ModelInputs | Mapping[str, Any] | None, tensors: dict[str, Any], raw: bool
     ) -> ModelInputs:
         """ModelInputs from a prompt/conversation(s), a ModelInputs or processor dict, or input_ids & co."""
         if inputs is not None and tensors:
@@ -208,7 +211,8 @@ class Runtime:
         if isinstance(inputs, Mapping):
             tensors = dict(inputs)
         elif inputs is not None:
-            return self.prepare(inputs)
+            return self.prepare(inputs, parse_special_tokens=raw)
+        check_no_video(tensors)
         unknown = set(tensors) - set(MODEL_INPUT_FIELDS)
         if unknown:
             raise TypeError(f"unknown model inputs {sorted(unknown)}")
@@ -223,13 +227,15 @@ class Runtime:
         inputs: Prompt | ModelInputs | Mapping[str, Any] | None,
         template: str | None,
         response_length: int | None,
+        parse_special_tokens: bool,
         options: dict[str, Any],
     ) -> tuple[DecodeRequest, GenerationConfig]:
         """Validate everything and encode the images once, before the first step. ``options`` may carry the
-        pre-tokenised ``input_ids``, ``attention_mask``, ``pixel_values``, ``image_grid_thw``; the rest are
-        GenerationConfig fields."""
-        tensors = {key: options.pop(key) for key in MODEL_INPUT_FIELDS if key in options}
-        model_inputs = self._model_inputs(inputs, {k: v for k, v in tensors.items() if v is not None})
+        pre-tokenised ``input_ids``, ``attention_mask``, ``pixel_values``, ``image_grid_thw`` (video inputs are
+        refused by name); the rest are GenerationConfig fields."""
+        tensors = {key: options.pop(key) for key in (*MODEL_INPUT_FIELDS, *VIDEO_INPUT_KEYS) if key in options}
+        tensors = {key: value for key, value in tensors.items() if value is not None}
+        model_inputs = self._model_inputs(inputs, tensors, parse_special_tokens)
         max_new_tokens = options.pop("max_new_tokens", None)
         if max_new_tokens is not None:
             check_int("max_new_tokens", max_new_tokens, 1, MAX_NEW_TOKENS)
@@ -265,6 +271,7 @@ class Runtime:
         *,
         template: str | None = None,
         response_length: int | None = None,
+        parse_special_tokens: bool = False,
         tokens_hook: TokensHook | None = None,
         logits_hook: LogitsHook | None = None,
         **options: Any,
@@ -279,11 +286,12 @@ class Runtime:
         (0.95 in 'dim': confident decoding), use_original_confidence (True), pipeline ("dim" | "dream"), prefill
         (True: Dimple's use_cache), seed, batch_coupled (False), validate_categorical, return_history.
         Structure priors: ``template`` (text with ``<mask:N>`` spans, placed at the canvas start) and
-        ``response_length=k`` (``<|endoftext|>`` from position k). Hooks: ``tokens_hook(step, x, logits) -> x``
-        and ``logits_hook(step, x, logits) -> logits``, the authors' signatures and shapes.
+        ``response_length=k`` (``<|endoftext|>`` from position k). Special-token strings in message text stay
+        text unless ``parse_special_tokens=True`` (a raw prompt built on purpose). Hooks: ``tokens_hook(step, x,
+        logits) -> x`` and ``logits_hook(step, x, logits) -> logits``, the authors' signatures and shapes.
         Returns one GenerationResult, or a list for a batch.
         """
-        request, config = self._decode_request(inputs, template, response_length, options)
+        request, config = self._decode_request(inputs, template, response_length, parse_special_tokens, options)
         history: list[torch.Tensor] = []
         sequences = torch.cat([request.input_ids, request.canvas], dim=1)
         passes = 0
@@ -320,12 +328,13 @@ class Runtime:
         *,
         template: str | None = None,
         response_length: int | None = None,
+        parse_special_tokens: bool = False,
         tokens_hook: TokensHook | None = None,
         logits_hook: LogitsHook | None = None,
         **options: Any,
     ) -> Iterator[StreamStep]:
         """Like :meth:`generate`, but yield the canvas after every step (a batch: one row per input)."""
-        request, config = self._decode_request(inputs, template, response_length, options)
+        request, config = self._decode_request(inputs, template, response_length, parse_special_tokens, options)
         prompt_len = request.input_ids.shape[1]
         with torch.inference_mode():
             for step in denoise(self.model, self.backend, request, config, tokens_hook, logits_hook):

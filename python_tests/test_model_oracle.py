@@ -28,7 +28,7 @@ GRIDS = [(1, 8, 12), (1, 10, 6)]  # patch grids: one image per row, h/2 and w/2 
 LEFT_PAD = 3
 
 
-def _config(vision: bool, full_attn_mask: bool = True) -> DimpleConfig:
+def _config(vision: bool, full_attn_mask: bool = True, out_hidden_size: int = 64) -> DimpleConfig:
     return DimpleConfig(
         model_type="dimple" if vision else "Dream",
         vocab_size=VOCAB,
@@ -47,7 +47,12 @@ def _config(vision: bool, full_attn_mask: bool = True) -> DimpleConfig:
         mrope_section=[2, 3, 3],
         full_attn_mask=full_attn_mask,
         vision_config=VisionConfig(
-            depth=2, hidden_size=32, num_heads=2, intermediate_size=48, fullatt_block_indexes=[1], out_hidden_size=64
+            depth=2,
+            hidden_size=32,
+            num_heads=2,
+            intermediate_size=48,
+            fullatt_block_indexes=[1],
+            out_hidden_size=out_hidden_size,
         )
         if vision
         else None,
@@ -201,9 +206,12 @@ def test_worked_example_positions() -> None:
     assert pos[:, 0, 63].tolist() == [23, 23, 23]
 
 
+@pytest.mark.parametrize("out_hidden_size", [64, 48], ids=["merger_eq_hidden", "merger_ne_hidden"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_dimple_with_images_matches_transformers(dtype: torch.dtype, tol) -> None:
-    config = _config(vision=True)
+def test_dimple_with_images_matches_transformers(dtype: torch.dtype, out_hidden_size: int, tol) -> None:
+    """The authors' projector is Linear(out_hidden_size → hidden), SiLU, Linear(hidden → hidden): the merger's
+    width may differ from the decoder's."""
+    config = _config(vision=True, out_hidden_size=out_hidden_size)
     state = random_state_dict(config, seed=4)
     ours = _ours(config, state)
     oracle = _qwen25vl_oracle(config, state)

@@ -187,11 +187,13 @@ def test_input_kinds_agree(tmp_path: Path) -> None:
 def test_input_errors(tmp_path: Path) -> None:
     processor = ImageProcessor()
     good = random_pixels(56, 56)
-    with pytest.raises(TypeError, match=r"image 1: expected a file path, a PIL image or a uint8 numpy array, got int"):
+    with pytest.raises(
+        TypeError, match=r"image 1: expected a file path, a PIL image or a uint8/uint16 numpy array, got int"
+    ):
         processor([good, 42])
     with pytest.raises(TypeError, match=r"image 0: .*got Tensor"):
         processor([torch.zeros(56, 56, 3, dtype=torch.uint8)])
-    with pytest.raises(TypeError, match=r"image 0: a numpy image must be uint8, got float32"):
+    with pytest.raises(TypeError, match=r"image 0: a numpy image must be uint8 or uint16, got float32"):
         processor([good.astype(np.float32)])
     with pytest.raises(ValueError, match=r"image 1: a numpy image must be .*got shape \(56, 56, 2\)"):
         processor([good, good[:, :, :2]])
@@ -279,7 +281,7 @@ def test_config_layouts(tmp_path: Path) -> None:
     ("data", "message"),
     [
         ("{not json", "not valid JSON"),
-        ("[1, 2]", "expected a JSON object, got list"),
+        ("[1, 2]", "must hold a JSON object .*, got an array"),
         ({"max_pixels": -1}, r"max_pixels must be a positive integer, got -1"),
         ({"patch_size": 14.0}, r"patch_size must be a positive integer, got 14\.0"),
         ({"min_pixels": 200, "max_pixels": 100}, r"min_pixels \(200\) must not exceed max_pixels \(100\)"),

@@ -185,8 +185,9 @@ def denoise(
         hooked = tokens_hook(None, ids.clone(), None)
         _check_tokens(hooked, ids, prompt_len, vocab_size, "tokens_hook(None, ...)")
         ids = hooked
-    image_mask = ids == config.image_token_id  # (B, total): the prompt's placeholders, never the canvas's
-    image_mask[:, prompt_len:] = False
+    image_mask = torch.zeros_like(ids, dtype=torch.bool)  # (B, total): the prompt's placeholders, not the canvas's
+    if config.image_token_id is not None:  # a text-only Dream model has none
+        image_mask[:, :prompt_len] = ids[:, :prompt_len] == config.image_token_id
     num_total_mask = (ids == mask_id).sum(dim=1).tolist()  # per row; the authors' count is the sum
     position_ids, _ = get_rope_index(ids, config, request.image_grid_thw, attention_mask)  # (3, B, total)
     schedule = timesteps(options.steps, options.eps, device)

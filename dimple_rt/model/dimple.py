@@ -24,11 +24,13 @@ from .vision import VisionTower
 
 
 class ImageProjector(nn.Module):
-    """``img_projector``: Linear → SiLU → Linear, hidden → hidden (Dimple's own, not GELU)."""
+    """``img_projector``: Linear(out_hidden_size → hidden) → SiLU → Linear(hidden → hidden), as the authors'
+    (Dimple's own, not GELU); ``in_features`` is the vision merger's ``out_hidden_size``, 3584 = hidden_size in
+    Dimple-7B, but the two may differ."""
 
-    def __init__(self, hidden_size: int) -> None:
+    def __init__(self, hidden_size: int, in_features: int | None = None) -> None:
         super().__init__()
-        self.linear_1 = Linear(hidden_size, hidden_size, bias=True)
+        self.linear_1 = Linear(hidden_size if in_features is None else in_features, hidden_size, bias=True)
         self.act = nn.SiLU()
         self.linear_2 = Linear(hidden_size, hidden_size, bias=True)
 
@@ -61,7 +63,7 @@ class DimpleModel(nn.Module):
         self.config = config
         if config.vision_config is not None:
             self.visual = VisionTower(config.vision_config)
-            self.img_projector = ImageProjector(config.hidden_size)
+            self.img_projector = ImageProjector(config.hidden_size, config.vision_config.out_hidden_size)
         self.model = Decoder(config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
 
@@ -81,7 +83,12 @@ class DimpleModel(nn.Module):
         the ``<|image_pad|>`` positions, or over ``image_mask`` (batch, len) when given: generation passes the
         prompt's placeholders, so an ``<|image_pad|>`` the model writes into the canvas stays a plain token."""
         embeds = self.model.embed_tokens(input_ids)  # (B, L, hidden)
-        is_image = input_ids == self.config.image_token_id if image_mask is None else image_mask
+        if image_mask is not None:
+            is_image = image_mask
+        elif self.config.image_token_id is None:  # a text-only model has no image placeholder id
+            is_image = torch.zeros_like(input_ids, dtype=torch.bool)
+        else:
+            is_image = input_ids == self.config.image_token_id
         n_slots = int(is_image.sum())
         n_features = 0 if image_features is None else image_features.shape[0]
         if n_slots != n_features:
