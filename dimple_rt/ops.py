@@ -38,6 +38,19 @@ def cpu_capability() -> str:
     return str(_C.cpu_capability)
 
 
+def _check_one_device(op: str, first: str, tensors: dict[str, torch.Tensor | None]) -> None:
+    """ValueError unless every given tensor is on the device of tensors[first] (messages as the C++ checks').
+
+    The fake kernels are also the ops' Meta kernels, and the dispatcher picks the Meta kernel as soon as one
+    argument is a meta tensor: without this a mix of real and meta tensors would return uninitialised memory
+    or do nothing. (Under FakeTensorMode every fake tensor reports its real device, so tracing is unaffected.)
+    """
+    device = tensors[first].device  # type: ignore[union-attr]
+    for name, t in tensors.items():
+        if t is not None and t.device != device:
+            raise ValueError(f"{op}: {name} is on {t.device}, {first} on {device}")
+
+
 def masked_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -77,6 +90,19 @@ def _masked_attention_fake(
     scale: float | None = None,
 ) -> torch.Tensor:
     # Only what the output's metadata needs; the real kernel checks everything (cu_seqlens' values need data).
+    _check_one_device(
+        "masked_attention",
+        "q",
+        {
+            "q": q,
+            "k": k,
+            "v": v,
+            "prefix_k": prefix_k,
+            "prefix_v": prefix_v,
+            "key_mask": key_mask,
+            "cu_seqlens": cu_seqlens,
+        },
+    )
     torch._check(q.dim() == 4, lambda: f"masked_attention: q must be 4-D, got {tuple(q.shape)}")
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous, as the kernels return
 
@@ -114,8 +140,10 @@ def _kv_cache_write_fake(
     sin: torch.Tensor,
     start: int,
 ) -> None:
-    # Mutates its first two arguments and returns nothing: no metadata to produce.
-    return None
+    # Mutates its first two arguments and returns nothing: no metadata to produce, only the device check.
+    _check_one_device(
+        "kv_cache_write", "cache_k", {"cache_k": cache_k, "cache_v": cache_v, "k": k, "v": v, "cos": cos, "sin": sin}
+    )
 
 
 def confident_select(
@@ -183,6 +211,9 @@ def _confident_select_fake(
     threshold: float | None = None,
     batch_coupled: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_one_device(
+        "confident_select", "logits", {"logits": logits, "row_ids": row_ids, "n": n, "uniforms": uniforms}
+    )
     torch._check(logits.dim() == 2, lambda: f"confident_select: logits must be 2-D, got {tuple(logits.shape)}")
     num_rows = logits.shape[0]
     return (
