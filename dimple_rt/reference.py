@@ -56,6 +56,19 @@ def check_masked_attention_args(
     )
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"masked_attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    # devices before anything reads memory (as the C++ checks)
+    for name, t in (
+        ("k", k),
+        ("v", v),
+        ("prefix_k", prefix_k),
+        ("prefix_v", prefix_v),
+        ("key_mask", key_mask),
+        ("cu_seqlens", cu_seqlens),
+    ):
+        _require(
+            t is None or t.device == q.device,
+            f"masked_attention: {name} is on {None if t is None else t.device}, q on {q.device}",
+        )
     _require((prefix_k is None) == (prefix_v is None), "masked_attention: give both prefix_k and prefix_v or neither")
     prefix_len = 0
     if prefix_k is not None:
@@ -93,18 +106,6 @@ def check_masked_attention_args(
         _require(
             int(c[0]) == 0 and int(c[-1]) == q_len and bool((c[1:] >= c[:-1]).all()),
             f"masked_attention: cu_seqlens must rise from 0 to len={q_len}, got {c.tolist()}",
-        )
-    for name, t in (
-        ("k", k),
-        ("v", v),
-        ("prefix_k", prefix_k),
-        ("prefix_v", prefix_v),
-        ("key_mask", key_mask),
-        ("cu_seqlens", cu_seqlens),
-    ):
-        _require(
-            t is None or t.device == q.device,
-            f"masked_attention: {name} is on {None if t is None else t.device}, q on {q.device}",
         )
 
 
@@ -168,7 +169,8 @@ def masked_attention(
         k = torch.cat([prefix_k, k], dim=1)  # (batch, total, kv_heads, head_dim)
         v = torch.cat([prefix_v, v], dim=1)
     prefix_len = k.shape[1] - q_len
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim) if head_dim else 1.0  # head_dim 0: an empty output either way
     qf = q.float().transpose(1, 2)  # (batch, heads, len, head_dim)
     kf = k.float().repeat_interleave(groups, dim=2).transpose(1, 2)  # (batch, heads, total, head_dim)
     vf = v.float().repeat_interleave(groups, dim=2).transpose(1, 2)
