@@ -89,8 +89,7 @@ void check_confident_select_args(const at::Tensor& logits, const at::Tensor& row
 }
 
 ConfidentCommitParams confident_commit_params(const float* confidence, const at::Tensor& row_ids, const at::Tensor& n,
-                                              std::optional<double> threshold, bool batch_coupled,
-                                              at::Tensor& commit) {
+                                              std::optional<double> threshold, bool batch_coupled, at::Tensor& commit) {
   ConfidentCommitParams c;
   c.confidence = confidence;
   c.row_ids = row_ids.const_data_ptr<int64_t>();

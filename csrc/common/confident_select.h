@@ -26,8 +26,7 @@ ConfidentSelectParams confident_select_params(const at::Tensor& logits, const at
 
 // The commit pass's parameters (one group, or one per batch row), for every device; row_ids and n contiguous.
 ConfidentCommitParams confident_commit_params(const float* confidence, const at::Tensor& row_ids, const at::Tensor& n,
-                                              std::optional<double> threshold, bool batch_coupled,
-                                              at::Tensor& commit);
+                                              std::optional<double> threshold, bool batch_coupled, at::Tensor& commit);
 
 // The inputs in the layout every kernel reads: the vocabulary contiguous (rows may keep any stride), row_ids
 // and n contiguous, uniforms contiguous when temperature > 0 (else undefined). After the checks below.

@@ -21,8 +21,8 @@ struct ConfidentSelectParams {
   // 0 or inf in fp32): logits / temperature, then a draw. When max(z) / temperature is not finite in fp32,
   // the tempered logits are (z − max z) / temperature instead (see dimple_rt/reference.py).
   float temperature = 0.0f;
-  double top_p = 1.0;   // nucleus mass; >= 1 disables it
-  int64_t top_k = 0;    // 0 disables it (as does top_k >= vocab)
+  double top_p = 1.0;  // nucleus mass; >= 1 disables it
+  int64_t top_k = 0;   // 0 disables it (as does top_k >= vocab)
   ConfidenceKind kind = ConfidenceKind::kPlain;
   bool use_original_confidence = true;
 

@@ -220,9 +220,7 @@ class RowSelector {
  private:
   // The tempered logit: z / T, or (z − m) / T in a shifted row (m = max z, known after pass 1).
   Vec tempered(const Vec& x) const { return tempered_ ? (shifted_ ? (x - vm_) / vt_ : x / vt_) : x; }
-  float tempered1(float x) const {
-    return tempered_ ? (shifted_ ? (x - m_) / p_.temperature : x / p_.temperature) : x;
-  }
+  float tempered1(float x) const { return tempered_ ? (shifted_ ? (x - m_) / p_.temperature : x / p_.temperature) : x; }
 
   // Pass 1: m, the lowest index of m, the second largest z; the k-th largest tempered logit. The candidates
   // are the raw logits: tempered() is monotone (non-decreasing), so the k-th largest of zt is tempered(the
@@ -522,7 +520,8 @@ class RowSelector {
       }
     }
     if (last == nullptr) return;  // no kept weight (cannot happen: the argmax weighs 1): keep the argmax
-    *x0 = last->idx;  // u·Σ at or past the rounded total: the last token with weight
+    // u·Σ at or past the rounded total: the last token with weight
+    *x0 = last->idx;
     *w_x0 = last->w;
   }
 
@@ -683,8 +682,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> confident_select_cpu(
     std::optional<double> top_p, std::optional<int64_t> top_k, const std::optional<at::Tensor>& uniforms_in,
     c10::string_view confidence, bool use_original_confidence, std::optional<double> threshold, bool batch_coupled) {
   const std::string_view kind_name(confidence.data(), confidence.size());
-  check_confident_select_args(logits_in, row_ids_in, n_in, temperature, top_p, top_k, uniforms_in, kind_name,
-                              threshold, batch_coupled);
+  check_confident_select_args(logits_in, row_ids_in, n_in, temperature, top_p, top_k, uniforms_in, kind_name, threshold,
+                              batch_coupled);
   TORCH_CHECK_VALUE(logits_in.device().is_cpu(), "confident_select_cpu: logits must be on the CPU, got ",
                     logits_in.device());
   const int64_t N = logits_in.size(0);

@@ -25,8 +25,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> confident_select_cuda(
     std::optional<double> top_p, std::optional<int64_t> top_k, const std::optional<at::Tensor>& uniforms_in,
     c10::string_view confidence, bool use_original_confidence, std::optional<double> threshold, bool batch_coupled) {
   const std::string_view kind_name(confidence.data(), confidence.size());
-  check_confident_select_args(logits_in, row_ids_in, n_in, temperature, top_p, top_k, uniforms_in, kind_name,
-                              threshold, batch_coupled);
+  check_confident_select_args(logits_in, row_ids_in, n_in, temperature, top_p, top_k, uniforms_in, kind_name, threshold,
+                              batch_coupled);
   TORCH_CHECK_VALUE(logits_in.is_cuda(), "confident_select_cuda: logits must be on a CUDA device, got ",
                     logits_in.device());
   const int64_t N = logits_in.size(0);
