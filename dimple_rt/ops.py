@@ -68,7 +68,8 @@ def masked_attention(
     (query head h reads kv head ``h // (heads // kv_heads)``); prefix_k, prefix_v: (batch, prefix_len,
     kv_heads, head_dim) or None; key_mask: bool (batch, prefix_len + len), True = real token; cu_seqlens:
     int32 (segments + 1,) block-diagonal segments (batch 1, no prefix); causal: query i sees keys up to its
-    own position prefix_len + i; scale: defaults to 1/sqrt(head_dim). A query with no visible key gets zeros.
+    own position prefix_len + i; scale: defaults to 1/sqrt(head_dim), else finite and > 0 as a float32
+    (ValueError otherwise). A query with no visible key gets zeros; NaN/inf inputs propagate as in torch.
     Inputs may have any strides. Returns a contiguous (batch, len, heads, head_dim) tensor in q's dtype.
     Semantics: :func:`dimple_rt.reference.masked_attention`. Bad arguments raise ValueError / TypeError.
     """
@@ -124,8 +125,10 @@ def kv_cache_write(
     are the same call). Writes ``cache_k[:, start:start+len] = k·cos + rotate_half(k)·sin`` (fp32 maths,
     rounded once to the cache dtype; the model's ``apply_rotary`` in bf16 rounds after each op, so the two
     differ by a few bf16 ulp) and ``cache_v[:, start:start+len] = v``. Requires 0 ≤ start, start + len ≤
-    max_len and an even head_dim. Semantics: :func:`dimple_rt.reference.kv_cache_write`. Bad arguments raise
-    ValueError / TypeError.
+    max_len (checked without overflow) and an even head_dim. The caches must have one memory location per element
+    (no expanded / stride-0 dimension) and the rows written must share no memory with each other or with k, v,
+    cos, sin (ValueError naming them). Semantics: :func:`dimple_rt.reference.kv_cache_write`. Bad arguments
+    raise ValueError / TypeError.
     """
     torch.ops.dimple_rt.kv_cache_write.default(cache_k, cache_v, k, v, cos, sin, start)
 
@@ -172,11 +175,17 @@ def confident_select(
     temperature 0: x0 is the argmax of the logits, lowest id on ties. temperature > 0: uniforms (N,) float32 in
     [0, 1) are required and x0 is the inverse-CDF draw (in vocabulary-index order) from softmax(logits /
     temperature) after top_p (nucleus by descending logit, ties by ascending id, the top token always kept) and
-    top_k (entries ≥ the k-th largest). confidence: "plain" (p[x0]), "margin" (top1 − top2) or "neg_entropy"
+    top_k (entries ≥ the k-th largest). temperature must be 0 or stay positive and finite in fp32 ([1.4e-45,
+    3.4e38]); in a row where max(logits) / temperature overflows fp32 the tempered logits are (logits − max) /
+    temperature (the temperature → 0 limit without inf − inf), so any temperature in range is safe. confidence: "plain" (p[x0]), "margin" (top1 − top2) or "neg_entropy"
     (Σ p·log(p + 1e-10)) of softmax(logits) if ``use_original_confidence`` else of the filtered distribution.
     commit, per group: every confidence > threshold if threshold is not None and > 0 and any passes; else the n
     most confident (ties to the lowest index). For "everything on the last step", pass threshold=None and n =
     the group size. All maths is fp32 from the logits (sums in float64).
+
+    A row with a NaN or +inf logit, or only -inf, raises ValueError "confident_select: logits row {r} has no
+    finite maximum (every entry -inf, or +inf/NaN present)" on the CPU (and in the reference); the CUDA kernel
+    cannot raise without a host round trip and gives such a row its argmax and a NaN confidence instead.
 
     Returns ``(x0 (N,) int64, confidence (N,) float32, commit (N,) bool)``. Exact semantics and rounding:
     :func:`dimple_rt.reference.confident_select` (same signature). Bad arguments raise ValueError / TypeError.
