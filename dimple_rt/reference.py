@@ -177,7 +177,9 @@ def masked_attention(
     scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale  # (batch, heads, len, total)
     allowed = attention_allowed(batch, q_len, prefix_len, key_mask, cu_seqlens, causal, q.device)
     scores = scores.masked_fill(~allowed[:, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # an all -inf row softmaxes to NaN: make it zeros
+    # A row with no visible key softmaxes to NaN: make it zeros. Only those rows: a NaN or inf from the inputs
+    # propagates, as it does in the kernels (nan_to_num would turn it into a silent finite answer).
+    probs = torch.softmax(scores, dim=-1).masked_fill(~allowed.any(dim=-1)[:, None, :, None], 0.0)
     out = torch.matmul(probs, vf)  # (batch, heads, len, head_dim)
     return out.transpose(1, 2).to(q.dtype)  # (batch, len, heads, head_dim)
 

@@ -301,6 +301,22 @@ def test_masked_attention_extreme_valid_scale() -> None:
         torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("mask", [False, True])
+def test_masked_attention_nan_propagates_alike(mask: bool) -> None:
+    """A NaN in q gives NaN in the same places in the kernel and the reference (the reference used to hide it
+    with nan_to_num); rows with no visible key stay zeros in both."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 5, 4, 16, generator=g), torch.randn(2, 5, 2, 16, generator=g), torch.randn(2, 5, 2, 16))
+    q[0, 1, 0, 3] = math.nan
+    key_mask = torch.rand(2, 5, generator=g) < 0.6 if mask else None
+    for causal in (False, True):
+        got = ops.masked_attention(q, k, v, key_mask=key_mask, causal=causal)
+        want = reference.masked_attention(q, k, v, key_mask=key_mask, causal=causal)
+        assert torch.equal(got.isnan(), want.isnan())
+        assert mask or bool(got.isnan().any())
+        torch.testing.assert_close(got.nan_to_num(7.0), want.nan_to_num(7.0), atol=1e-5, rtol=1e-5)
+
+
 # ---- meta tensors mixed with real ones: the Meta (fake) kernel must not run on them
 
 
