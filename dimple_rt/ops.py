@@ -38,6 +38,19 @@ def cpu_capability() -> str:
     return str(_C.cpu_capability)
 
 
+def _check_one_device(op: str, first: str, tensors: dict[str, torch.Tensor | None]) -> None:
+    """ValueError unless every given tensor is on the device of tensors[first] (messages as the C++ checks').
+
+    The fake kernels are also the ops' Meta kernels, and the dispatcher picks the Meta kernel as soon as one
+    argument is a meta tensor: without this a mix of real and meta tensors would return uninitialised memory
+    or do nothing. (Under FakeTensorMode every fake tensor reports its real device, so tracing is unaffected.)
+    """
+    device = tensors[first].device  # type: ignore[union-attr]
+    for name, t in tensors.items():
+        if t is not None and t.device != device:
+            raise ValueError(f"{op}: {name} is on {t.device}, {first} on {device}")
+
+
 def masked_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -55,7 +68,8 @@ def masked_attention(
     (query head h reads kv head ``h // (heads // kv_heads)``); prefix_k, prefix_v: (batch, prefix_len,
     kv_heads, head_dim) or None; key_mask: bool (batch, prefix_len + len), True = real token; cu_seqlens:
     int32 (segments + 1,) block-diagonal segments (batch 1, no prefix); causal: query i sees keys up to its
-    own position prefix_len + i; scale: defaults to 1/sqrt(head_dim). A query with no visible key gets zeros.
+    own position prefix_len + i; scale: defaults to 1/sqrt(head_dim), else finite and > 0 as a float32
+    (ValueError otherwise). A query with no visible key gets zeros; NaN/inf inputs propagate as in torch.
     Inputs may have any strides. Returns a contiguous (batch, len, heads, head_dim) tensor in q's dtype.
     Semantics: :func:`dimple_rt.reference.masked_attention`. Bad arguments raise ValueError / TypeError.
     """
@@ -77,6 +91,19 @@ def _masked_attention_fake(
     scale: float | None = None,
 ) -> torch.Tensor:
     # Only what the output's metadata needs; the real kernel checks everything (cu_seqlens' values need data).
+    _check_one_device(
+        "masked_attention",
+        "q",
+        {
+            "q": q,
+            "k": k,
+            "v": v,
+            "prefix_k": prefix_k,
+            "prefix_v": prefix_v,
+            "key_mask": key_mask,
+            "cu_seqlens": cu_seqlens,
+        },
+    )
     torch._check(q.dim() == 4, lambda: f"masked_attention: q must be 4-D, got {tuple(q.shape)}")
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous, as the kernels return
 
@@ -98,8 +125,10 @@ def kv_cache_write(
     are the same call). Writes ``cache_k[:, start:start+len] = k·cos + rotate_half(k)·sin`` (fp32 maths,
     rounded once to the cache dtype; the model's ``apply_rotary`` in bf16 rounds after each op, so the two
     differ by a few bf16 ulp) and ``cache_v[:, start:start+len] = v``. Requires 0 ≤ start, start + len ≤
-    max_len and an even head_dim. Semantics: :func:`dimple_rt.reference.kv_cache_write`. Bad arguments raise
-    ValueError / TypeError.
+    max_len (checked without overflow) and an even head_dim. The caches must have one memory location per element
+    (no expanded / stride-0 dimension) and the rows written must share no memory with each other or with k, v,
+    cos, sin (ValueError naming them). Semantics: :func:`dimple_rt.reference.kv_cache_write`. Bad arguments
+    raise ValueError / TypeError.
     """
     torch.ops.dimple_rt.kv_cache_write.default(cache_k, cache_v, k, v, cos, sin, start)
 
@@ -114,8 +143,10 @@ def _kv_cache_write_fake(
     sin: torch.Tensor,
     start: int,
 ) -> None:
-    # Mutates its first two arguments and returns nothing: no metadata to produce.
-    return None
+    # Mutates its first two arguments and returns nothing: no metadata to produce, only the device check.
+    _check_one_device(
+        "kv_cache_write", "cache_k", {"cache_k": cache_k, "cache_v": cache_v, "k": k, "v": v, "cos": cos, "sin": sin}
+    )
 
 
 def confident_select(
@@ -144,11 +175,17 @@ def confident_select(
     temperature 0: x0 is the argmax of the logits, lowest id on ties. temperature > 0: uniforms (N,) float32 in
     [0, 1) are required and x0 is the inverse-CDF draw (in vocabulary-index order) from softmax(logits /
     temperature) after top_p (nucleus by descending logit, ties by ascending id, the top token always kept) and
-    top_k (entries ≥ the k-th largest). confidence: "plain" (p[x0]), "margin" (top1 − top2) or "neg_entropy"
+    top_k (entries ≥ the k-th largest). temperature must be 0 or stay positive and finite in fp32 ([1.4e-45,
+    3.4e38]); in a row where max(logits) / temperature overflows fp32 the tempered logits are (logits − max) /
+    temperature (the temperature → 0 limit without inf − inf), so any temperature in range is safe. confidence: "plain" (p[x0]), "margin" (top1 − top2) or "neg_entropy"
     (Σ p·log(p + 1e-10)) of softmax(logits) if ``use_original_confidence`` else of the filtered distribution.
     commit, per group: every confidence > threshold if threshold is not None and > 0 and any passes; else the n
     most confident (ties to the lowest index). For "everything on the last step", pass threshold=None and n =
     the group size. All maths is fp32 from the logits (sums in float64).
+
+    A row with a NaN or +inf logit, or only -inf, raises ValueError "confident_select: logits row {r} has no
+    finite maximum (every entry -inf, or +inf/NaN present)" on the CPU (and in the reference); the CUDA kernel
+    cannot raise without a host round trip and gives such a row its argmax and a NaN confidence instead.
 
     Returns ``(x0 (N,) int64, confidence (N,) float32, commit (N,) bool)``. Exact semantics and rounding:
     :func:`dimple_rt.reference.confident_select` (same signature). Bad arguments raise ValueError / TypeError.
@@ -183,6 +220,9 @@ def _confident_select_fake(
     threshold: float | None = None,
     batch_coupled: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_one_device(
+        "confident_select", "logits", {"logits": logits, "row_ids": row_ids, "n": n, "uniforms": uniforms}
+    )
     torch._check(logits.dim() == 2, lambda: f"confident_select: logits must be 2-D, got {tuple(logits.shape)}")
     num_rows = logits.shape[0]
     return (

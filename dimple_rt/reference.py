@@ -26,8 +26,15 @@ def check_masked_attention_args(
     prefix_v: torch.Tensor | None,
     key_mask: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,
+    scale: float | None = None,
 ) -> None:
     """Raise ValueError/TypeError naming the argument when the inputs do not form a valid call."""
+    if scale is not None:
+        s32 = torch.tensor(scale, dtype=torch.float32).item()  # the kernels multiply by the fp32 value
+        _require(
+            math.isfinite(s32) and s32 > 0,
+            f"masked_attention: scale must be finite and > 0 (as a float32), got {scale}",
+        )
     for name, t in (("q", q), ("k", k), ("v", v)):
         _require(
             t.dim() == 4, f"masked_attention: {name} must be 4-D (batch, len, heads, head_dim), got {tuple(t.shape)}"
@@ -49,6 +56,19 @@ def check_masked_attention_args(
     )
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"masked_attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    # devices before anything reads memory (as the C++ checks)
+    for name, t in (
+        ("k", k),
+        ("v", v),
+        ("prefix_k", prefix_k),
+        ("prefix_v", prefix_v),
+        ("key_mask", key_mask),
+        ("cu_seqlens", cu_seqlens),
+    ):
+        _require(
+            t is None or t.device == q.device,
+            f"masked_attention: {name} is on {None if t is None else t.device}, q on {q.device}",
+        )
     _require((prefix_k is None) == (prefix_v is None), "masked_attention: give both prefix_k and prefix_v or neither")
     prefix_len = 0
     if prefix_k is not None:
@@ -86,18 +106,6 @@ def check_masked_attention_args(
         _require(
             int(c[0]) == 0 and int(c[-1]) == q_len and bool((c[1:] >= c[:-1]).all()),
             f"masked_attention: cu_seqlens must rise from 0 to len={q_len}, got {c.tolist()}",
-        )
-    for name, t in (
-        ("k", k),
-        ("v", v),
-        ("prefix_k", prefix_k),
-        ("prefix_v", prefix_v),
-        ("key_mask", key_mask),
-        ("cu_seqlens", cu_seqlens),
-    ):
-        _require(
-            t is None or t.device == q.device,
-            f"masked_attention: {name} is on {None if t is None else t.device}, q on {q.device}",
         )
 
 
@@ -153,7 +161,7 @@ def masked_attention(
     int32 (segments + 1,) block-diagonal segments (batch 1, no prefix). A query with no visible key gets
     zeros. Computed in fp32, returned in q's dtype: (batch, len, heads, head_dim).
     """
-    check_masked_attention_args(q, k, v, prefix_k, prefix_v, key_mask, cu_seqlens)
+    check_masked_attention_args(q, k, v, prefix_k, prefix_v, key_mask, cu_seqlens, scale)
     batch, q_len, num_heads, head_dim = q.shape
     groups = num_heads // k.shape[2]
     if prefix_k is not None:
@@ -161,14 +169,17 @@ def masked_attention(
         k = torch.cat([prefix_k, k], dim=1)  # (batch, total, kv_heads, head_dim)
         v = torch.cat([prefix_v, v], dim=1)
     prefix_len = k.shape[1] - q_len
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim) if head_dim else 1.0  # head_dim 0: an empty output either way
     qf = q.float().transpose(1, 2)  # (batch, heads, len, head_dim)
     kf = k.float().repeat_interleave(groups, dim=2).transpose(1, 2)  # (batch, heads, total, head_dim)
     vf = v.float().repeat_interleave(groups, dim=2).transpose(1, 2)
     scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale  # (batch, heads, len, total)
     allowed = attention_allowed(batch, q_len, prefix_len, key_mask, cu_seqlens, causal, q.device)
     scores = scores.masked_fill(~allowed[:, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # an all -inf row softmaxes to NaN: make it zeros
+    # A row with no visible key softmaxes to NaN: make it zeros. Only those rows: a NaN or inf from the inputs
+    # propagates, as it does in the kernels (nan_to_num would turn it into a silent finite answer).
+    probs = torch.softmax(scores, dim=-1).masked_fill(~allowed.any(dim=-1)[:, None, :, None], 0.0)
     out = torch.matmul(probs, vf)  # (batch, heads, len, head_dim)
     return out.transpose(1, 2).to(q.dtype)  # (batch, len, heads, head_dim)
 
@@ -177,6 +188,88 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     """``cat(-x[d/2:], x[:d/2])`` over the last dimension (the model's rotate_half)."""
     half = x.shape[-1] // 2
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def _moving_dims(t: torch.Tensor) -> list[tuple[int, int]]:
+    """(size, stride) of the dimensions with more than one element, by ascending stride."""
+    return sorted(((s, st) for s, st in zip(t.shape, t.stride(), strict=True) if s > 1), key=lambda d: d[1])
+
+
+def _distinct_elements(t: torch.Tensor) -> bool:
+    """Whether no two elements share memory (each stride, by stride order, exceeds what the smaller ones reach)."""
+    reach = 0
+    for size, stride in _moving_dims(t):
+        if stride <= reach:
+            return False
+        reach += (size - 1) * stride
+    return True
+
+
+def _byte_span(t: torch.Tensor) -> tuple[int, int]:
+    """First and last byte address a non-empty tensor's elements touch."""
+    reach = sum((s - 1) * st for s, st in zip(t.shape, t.stride(), strict=True))
+    return t.data_ptr(), t.data_ptr() + (reach + 1) * t.element_size() - 1
+
+
+def _offset_reachable(dims: list[tuple[int, int]], delta: int) -> bool:
+    """Whether delta = Σ e·stride with |e| <= size − 1 per dim (dims nested as _distinct_elements requires)."""
+    if not dims:
+        return delta == 0
+    size, stride = dims[-1]
+    e = abs(delta) // stride * (1 if delta >= 0 else -1)  # toward zero; the other candidate is one further
+    return any(
+        -(size - 1) <= c <= size - 1 and _offset_reachable(dims[:-1], delta - c * stride)
+        for c in (e, e - 1 if delta < 0 else e + 1)
+    )
+
+
+def _may_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two non-empty views may share an element (exact for equal layouts, else by byte spans)."""
+    a0, a1 = _byte_span(a)
+    b0, b1 = _byte_span(b)
+    if a1 < b0 or b1 < a0:
+        return False
+    if a.shape != b.shape or a.stride() != b.stride() or a.element_size() != b.element_size():
+        return True
+    if not _distinct_elements(a) or (b0 - a0) % a.element_size():
+        return True
+    return _offset_reachable(_moving_dims(a), (b0 - a0) // a.element_size())
+
+
+def check_kv_cache_write_overlap(
+    cache_k: torch.Tensor,
+    cache_v: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    start: int,
+) -> None:
+    """ValueError unless each cache has one memory location per element and the rows written overlap neither
+    each other nor an input (the kernels write in parallel while they read)."""
+    if k.numel() == 0 or cache_k.is_meta:
+        return
+    for name, t in (("cache_k", cache_k), ("cache_v", cache_v)):
+        _require(
+            _distinct_elements(t),
+            f"kv_cache_write: {name} has elements that share memory (strides {tuple(t.stride())} for shape "
+            f"{tuple(t.shape)}, e.g. an expanded or stride-0 tensor); the cache must have one memory location per "
+            "element",
+        )
+    end = start + k.shape[1]
+    rows_k, rows_v = cache_k[:, start:end], cache_v[:, start:end]
+    _require(
+        not _may_overlap(rows_k, rows_v),
+        f"kv_cache_write: cache_k and cache_v overlap in the rows [{start}, {end}) being written "
+        "(one is a view of the other?)",
+    )
+    for out_name, out in (("cache_k", rows_k), ("cache_v", rows_v)):
+        for name, t in (("k", k), ("v", v), ("cos", cos), ("sin", sin)):
+            _require(
+                not _may_overlap(out, t),
+                f"kv_cache_write: {name} overlaps the rows [{start}, {end}) of {out_name} being written; "
+                f"pass a copy ({name}.clone())",
+            )
 
 
 def check_kv_cache_write_args(
@@ -232,6 +325,7 @@ def check_kv_cache_write_args(
         f"kv_cache_write: start={start} and len={length} must satisfy 0 <= start and start + len <= max_len={max_len}",
     )
     _require(cache_k is not cache_v, "kv_cache_write: cache_k and cache_v must be different tensors")
+    check_kv_cache_write_overlap(cache_k, cache_v, k, v, cos, sin, start)
 
 
 def kv_cache_write(
@@ -276,6 +370,7 @@ def check_confident_select_args(
     uniforms: torch.Tensor | None,
     confidence: str,
     batch_coupled: bool,
+    threshold: float | None = None,
 ) -> None:
     """Raise ValueError/TypeError naming the argument when the inputs do not form a valid call."""
     _require(logits.dim() == 2, f"confident_select: logits must be 2-D (N, vocab), got {tuple(logits.shape)}")
@@ -302,10 +397,16 @@ def check_confident_select_args(
         raise TypeError(f"confident_select: n must be int64, got {n.dtype}")
     _require(
         math.isfinite(temperature) and temperature >= 0,
-        f"confident_select: temperature must be >= 0, got {temperature}",
+        f"confident_select: temperature must be >= 0 and finite, got {temperature}",
+    )
+    t32 = torch.tensor(temperature, dtype=torch.float32).item()  # the kernels divide by the fp32 value
+    _require(
+        temperature == 0 or (t32 > 0 and math.isfinite(t32)),
+        f"confident_select: temperature must be 0 or a positive float32 in [1.4e-45, 3.4e38], got {temperature}",
     )
     _require(top_p is None or 0 <= top_p <= 1, f"confident_select: top_p must be in [0, 1], got {top_p}")
     _require(top_k is None or top_k >= 1, f"confident_select: top_k must be >= 1, got {top_k}")
+    _require(threshold is None or not math.isnan(threshold), "confident_select: threshold must not be NaN")
     _require(
         confidence in CONFIDENCE_KINDS,
         f"confident_select: confidence must be one of 'plain', 'margin', 'neg_entropy', got {confidence!r}",
@@ -364,13 +465,20 @@ def confident_select(
     logits: (N, V) float, the masked rows in row-major (batch, position) order; row_ids: (N,) int64, the
     non-decreasing batch row of each entry; n: (groups,) int64 ≥ 0, the fallback count of each group (one group,
     shape (1,), when ``batch_coupled``; else one entry per batch row, indexed by row id). Returns
-    ``(x0 (N,) int64, confidence (N,) float32, commit (N,) bool)``. Every row needs a finite maximum logit.
+    ``(x0 (N,) int64, confidence (N,) float32, commit (N,) bool)``. Every row needs a finite maximum logit and no
+    NaN: otherwise ValueError "confident_select: logits row {r} has no finite maximum (every entry -inf, or
+    +inf/NaN present)" naming the first such row (the CUDA kernel cannot raise without a host round trip: it
+    gives such a row its argmax and a NaN confidence). temperature is 0 or a positive value that stays positive
+    and finite in fp32; threshold is not NaN.
 
     With z = fp32 logits, m = max z, w0 = exp(z − m), S0 = Σ w0 (sums in float64, divided in fp32 as
     ``w / fl32(S)``):
 
     - the original distribution is w0 / S0;
-    - tempered logits zt = z / temperature (fp32 division) when temperature > 0, else z; wt = exp(zt − max zt);
+    - tempered logits zt = z / temperature (fp32 division) when temperature > 0, else z; in a row where
+      m / temperature overflows fp32 (a tiny temperature or a huge logit) zt = (z − m) / temperature instead,
+      which is ≤ 0, exactly 0 at the argmax and never inf − inf (the temperature → 0 limit, computed safely);
+      wt = exp(zt − max zt);
     - top-p (only if top_p < 1): order the vocabulary by zt descending, ties by ascending index; keep an entry
       iff the float64 mass ranked strictly before it is ≤ top_p · Σ wt (so the top entry always stays);
     - top-k (only if top_k < V): keep entries with zt ≥ the k-th largest zt (ties at the k-th value all stay);
@@ -390,12 +498,19 @@ def confident_select(
     confidence lies within rounding of a decision boundary (u · Σ at a CDF step, a top-p cut, the threshold,
     two different rows' confidences within an ulp); confidences agree to fp32 rounding.
     """
-    check_confident_select_args(logits, row_ids, n, temperature, top_p, top_k, uniforms, confidence, batch_coupled)
+    check_confident_select_args(
+        logits, row_ids, n, temperature, top_p, top_k, uniforms, confidence, batch_coupled, threshold
+    )
     num_rows, vocab = logits.shape
     device = logits.device
     z = logits.float()  # (N, V)
     m = z.max(dim=-1, keepdim=True).values  # (N, 1)
-    _require(bool(torch.isfinite(m).all()), "confident_select: every logits row needs a finite maximum")
+    bad = ~torch.isfinite(m[:, 0]) | torch.isnan(z).any(dim=-1)  # (N,) NaN, +inf, or every entry -inf
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"confident_select: logits row {row} has no finite maximum (every entry -inf, or +inf/NaN present)"
+        )
     x0 = _first_index(z == m)  # (N,) greedy choice
     sampling = temperature > 0
     dist_w: torch.Tensor
@@ -404,7 +519,11 @@ def confident_select(
         dist_w = torch.exp(z - m)  # (N, V)
         dist_s = dist_w.double().sum(dim=-1, keepdim=True)  # (N, 1)
     if sampling or not use_original_confidence:
-        zt = z / temperature if sampling else z  # (N, V)
+        zt = z  # (N, V)
+        if sampling:
+            # z / T, except in rows where m / T overflows fp32: there (z − m) / T, <= 0 and 0 at the argmax
+            shifted = ~torch.isfinite(m / temperature)  # (N, 1)
+            zt = torch.where(shifted, (z - m) / temperature, z / temperature)
         wt = torch.exp(zt - zt.max(dim=-1, keepdim=True).values)
         keep = torch.ones_like(zt, dtype=torch.bool)
         if top_p is not None and top_p < 1:

@@ -400,7 +400,7 @@ else:
         vocab = draw(st.integers(1, 200))
         dtype = draw(st.sampled_from(DTYPES))
         g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
-        scale = draw(st.sampled_from([0.5, 3.0, 20.0]))
+        scale = draw(st.sampled_from([0.5, 3.0, 20.0, 1e30]))  # 1e30: logits / temperature can overflow fp32
         layout = draw(st.sampled_from(["contiguous", "row_stride", "transposed"]))
         if layout == "row_stride":
             logits = torch.randn(rows, vocab + 5, generator=g)[:, 2 : vocab + 2]
@@ -426,11 +426,15 @@ else:
             1 if batch_coupled else (int(row_ids.max()) + 1 if rows else 1) + draw(st.sampled_from([0, 0, 0, 1, -1]))
         )
         n = torch.randint(-1 if draw(st.integers(0, 9)) == 0 else 0, 6, (max(groups, 1),), generator=g)
-        temperature = draw(st.sampled_from([0.0, 0.0, 0.5, 1.0, 1.7]))
+        # tiny temperatures overflow logits / temperature (the (z − max z) / T rows); NaN, < 0, 0 or inf in fp32
+        # must raise in both
+        temperature = draw(st.sampled_from([0.0, 0.0, 0.5, 1.0, 1.7, 1e-39, 1e-20, 1e-45, math.nan, -1.0, 1e-50, 1e39]))
         uniforms = torch.rand(rows, generator=g) if temperature > 0 or draw(st.booleans()) else None
         if temperature > 0 and draw(st.integers(0, 9)) == 0:
             uniforms = None  # must raise
-        return {
+        if uniforms is not None and draw(st.integers(0, 19)) == 0:
+            uniforms[0:1] = draw(st.sampled_from([math.nan, 1.0, -0.5]))  # out of [0, 1): must raise when sampling
+        args = {
             "logits": logits,
             "row_ids": row_ids,
             "n": n,
@@ -440,9 +444,13 @@ else:
             "uniforms": uniforms,
             "confidence": draw(st.sampled_from(KINDS)),
             "use_original_confidence": draw(st.booleans()),
-            "threshold": draw(st.sampled_from([None, None, 0.0, 0.2, 0.9])),
+            "threshold": draw(st.sampled_from([None, None, 0.0, 0.2, 0.9, math.nan])),
             "batch_coupled": batch_coupled,
         }
+        if draw(st.integers(0, 9)) == 0:  # one argument on the meta device: both must raise (ValueError)
+            name = draw(st.sampled_from([n for n in ("logits", "row_ids", "n", "uniforms") if args[n] is not None]))
+            args[name] = args[name].to("meta")
+        return args
 
     @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
     @given(args=_random_call())

@@ -272,3 +272,70 @@ def test_select_opcheck() -> None:
     logits = _cuda(tcs._logits(6, 33, torch.float32))
     row_ids, n = _cuda(torch.tensor([0, 0, 1, 1, 1, 2])), _cuda(torch.tensor([2]))
     torch.library.opcheck(torch.ops.dimple_rt.confident_select.default, (logits, row_ids, n), {"confidence": "margin"})
+
+
+# ---- hostile arguments (issue 15): the same contract as python_tests/test_op_safety.py
+
+
+@pytest.mark.parametrize("temperature", [1e-39, 1.401298464324817e-45, 0.5])
+@pytest.mark.parametrize("filters", [{}, {"top_k": 1}, {"top_k": 3}, {"top_p": 0.9}, {"top_p": 0.0}])
+def test_select_overflowing_scaled_logits(temperature: float, filters: dict, tol) -> None:
+    """Rows where max(z) / T overflows fp32 use (z − max z) / T on the GPU as in the reference."""
+    logits = torch.tensor(
+        [
+            [1.0, 0.0, -1.0, 1.0 - 1e-7, -3e38],
+            [-1.0, -2.0, -1.0, -5.0, float("-inf")],
+            [3e38, -3e38, 1e38, 0.0, 3e38],
+            [0.0, 0.0, -1e-40, -1.0, 0.0],
+        ]
+    )
+    row_ids = torch.zeros(4, dtype=torch.long)
+    for u in (0.0, 0.3, 0.999999):
+        for kind in tcs.KINDS:
+            for orig in (True, False):
+                options = {"temperature": temperature, "uniforms": torch.full((4,), u), "confidence": kind}
+                got, want = _select_both(
+                    logits, row_ids, torch.tensor([2]), use_original_confidence=orig, **options, **filters
+                )
+                assert bool(((got[0] >= 0) & (got[0] < 5)).all()) and bool(torch.isfinite(got[1]).all())
+                tcs._assert_same(got, want, tol(torch.float32))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), "all_-inf"])
+def test_select_nonfinite_rows_marked(bad) -> None:
+    """The GPU cannot raise without a host round trip: such a row gets its argmax (in the vocabulary) and a NaN
+    confidence; the other rows are unaffected."""
+    logits = torch.randn(3, 40)
+    if bad == "all_-inf":
+        logits[1] = float("-inf")
+    else:
+        logits[1, 7] = bad
+    for options in ({}, {"temperature": 1e-39, "uniforms": torch.rand(3), "top_k": 2}):
+        x0, conf, _ = ops.confident_select(
+            logits.to(DEVICE),
+            torch.zeros(3, dtype=torch.long, device=DEVICE),
+            _cuda(torch.tensor([1])),
+            **_cuda(options),
+        )
+        assert bool(((x0 >= 0) & (x0 < 40)).all())
+        assert bool(conf[1].isnan()) and bool(torch.isfinite(conf[[0, 2]]).all())
+
+
+def test_kv_cache_write_overflow_and_aliasing_rejected() -> None:
+    c = torch.zeros(1, 8, 2, 8, device=DEVICE)
+    k = torch.randn(1, 1, 2, 8, device=DEVICE)
+    x = torch.randn(1, 1, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="must satisfy 0 <= start"):
+        ops.kv_cache_write(c, c.clone(), k, k, x, x, 2**63 - 1)
+    with pytest.raises(ValueError, match="cache_k and cache_v overlap"):
+        ops.kv_cache_write(c, c.view(c.shape), k, k, x, x, 0)
+    with pytest.raises(ValueError, match="k overlaps the rows"):
+        ops.kv_cache_write(c, c.clone(), c[:, 3:4], k, x, x, 3)
+
+
+def test_cuda_meta_mix_and_scale_rejected() -> None:
+    q = torch.randn(1, 3, 2, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="k is on meta"):
+        ops.masked_attention(q, q.to("meta"), q)
+    with pytest.raises(ValueError, match="scale must be finite and > 0"):
+        ops.masked_attention(q, q, q, scale=float("nan"))

@@ -225,7 +225,7 @@ else:
         batch = draw(st.integers(1, 3))
         max_len = draw(st.integers(1, 24))
         length = draw(st.integers(0, 24))
-        start = draw(st.integers(-1, 24))
+        start = draw(st.one_of(st.integers(-1, 24), st.sampled_from([-(2**63), 2**62, 2**63 - 1])))
         kv_heads = draw(st.integers(1, 4))
         head_dim = 2 * draw(st.integers(1, 40)) - draw(st.sampled_from([0, 0, 0, 0, 0, 0, 0, 1]))  # 1 in 8: odd
         dtype = draw(st.sampled_from(DTYPES))
@@ -245,7 +245,7 @@ else:
                 t = torch.randn(*shape, generator=g)
             return t.to(dt)
 
-        return {
+        args = {
             "cache_k": tensor(batch, max_len, kv_heads, head_dim, dt=dtype),
             "cache_v": tensor(batch, max_len, kv_heads, head_dim, dt=dtype),
             "k": tensor(batch, length, kv_heads, head_dim, dt=dtype),
@@ -254,6 +254,10 @@ else:
             "sin": tensor(batch, length, head_dim, dt=table_dtype),
             "start": start,
         }
+        if draw(st.integers(0, 9)) == 0:  # one argument on the meta device: both must raise (ValueError)
+            name = draw(st.sampled_from(["cache_k", "cache_v", "k", "v", "cos", "sin"]))
+            args[name] = args[name].to("meta")
+        return args
 
     @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
     @given(args=_random_call())
@@ -261,6 +265,8 @@ else:
         """Any call gives the reference's caches or raises the Python exception the reference raises."""
         try:
             reference.check_kv_cache_write_args(**args)
+            if any(t.is_meta for t in args.values() if isinstance(t, torch.Tensor)):
+                raise AssertionError("a meta tensor among real ones passed the reference's checks")
         except (ValueError, TypeError) as e:
             with pytest.raises(type(e)):
                 kv_cache_write(**{**args, "cache_k": args["cache_k"].clone(), "cache_v": args["cache_v"].clone()})

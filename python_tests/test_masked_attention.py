@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -346,7 +348,8 @@ else:
             "k": tensor(batch, q_len, kv_heads, head_dim),
             "v": tensor(batch, q_len, kv_heads, head_dim),
             "causal": draw(st.booleans()),
-            "scale": draw(st.sampled_from([None, None, 0.1, 2.0])),
+            # invalid scales (NaN, inf, <= 0, 0 or inf once rounded to fp32) must raise in both
+            "scale": draw(st.sampled_from([None, None, 0.1, 2.0, math.nan, math.inf, 0.0, -1.0, 1e-50, 1e39])),
         }
         if prefix_len and draw(st.booleans()):
             args["prefix_k"] = tensor(batch, prefix_len, kv_heads, head_dim)
@@ -359,6 +362,9 @@ else:
         elif option == "cu_seqlens":  # valid only for batch 1 and no prefix: otherwise both must raise
             cuts = sorted(draw(st.lists(st.integers(0, q_len), max_size=4)))
             args["cu_seqlens"] = torch.tensor([0, *cuts, q_len], dtype=torch.int32)
+        if draw(st.integers(0, 9)) == 0:  # one argument on the meta device: both must raise (ValueError)
+            name = draw(st.sampled_from(sorted(n for n, a in args.items() if isinstance(a, torch.Tensor))))
+            args[name] = args[name].to("meta")
         return args
 
     # The tol fixture is a pure lookup, so sharing it across hypothesis examples is safe.

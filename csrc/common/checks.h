@@ -8,6 +8,8 @@
 #include <sstream>
 #include <string>
 
+#include "common/strides.h"
+
 namespace dimple_rt {
 
 // A shape as Python prints a tuple: (2, 3) or (5,).
@@ -20,10 +22,6 @@ inline std::string shape_str(at::IntArrayRef sizes) {
 }
 
 // Element strides of a (batch, seq, head, dim) tensor.
-struct Strides4 {
-  int64_t batch = 0, seq = 0, head = 0, dim = 0;
-};
-
 inline Strides4 strides4(const at::Tensor& t) {
   return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
 }

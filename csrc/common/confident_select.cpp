@@ -39,7 +39,7 @@ ConfidentSelectParams confident_select_params(const at::Tensor& logits, const at
 void check_confident_select_args(const at::Tensor& logits, const at::Tensor& row_ids, const at::Tensor& n,
                                  double temperature, std::optional<double> top_p, std::optional<int64_t> top_k,
                                  const std::optional<at::Tensor>& uniforms, std::string_view confidence,
-                                 bool batch_coupled) {
+                                 std::optional<double> threshold, bool batch_coupled) {
   TORCH_CHECK_VALUE(logits.dim() == 2, "confident_select: logits must be 2-D (N, vocab), got ",
                     shape_str(logits.sizes()));
   TORCH_CHECK_TYPE(is_float_type(logits.scalar_type()),
@@ -58,11 +58,17 @@ void check_confident_select_args(const at::Tensor& logits, const at::Tensor& row
   TORCH_CHECK_VALUE(!batch_coupled || n.size(0) == 1,
                     "confident_select: n must be (1,) when batch_coupled (one group), got ", shape_str(n.sizes()));
   TORCH_CHECK_TYPE(n.scalar_type() == at::kLong, "confident_select: n must be int64, got ", n.scalar_type());
-  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature >= 0, "confident_select: temperature must be >= 0, got ",
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature >= 0,
+                    "confident_select: temperature must be >= 0 and finite, got ", temperature);
+  // The kernels divide by the fp32 temperature: it must not round to 0 (a division by zero) or to inf.
+  const float temperature32 = static_cast<float>(temperature);
+  TORCH_CHECK_VALUE(temperature == 0 || (temperature32 > 0 && std::isfinite(temperature32)),
+                    "confident_select: temperature must be 0 or a positive float32 in [1.4e-45, 3.4e38], got ",
                     temperature);
   TORCH_CHECK_VALUE(!top_p.has_value() || (*top_p >= 0 && *top_p <= 1),
                     "confident_select: top_p must be in [0, 1], got ", top_p.value_or(0));
   TORCH_CHECK_VALUE(!top_k.has_value() || *top_k >= 1, "confident_select: top_k must be >= 1, got ", top_k.value_or(0));
+  TORCH_CHECK_VALUE(!threshold.has_value() || !std::isnan(*threshold), "confident_select: threshold must not be NaN");
   parse_confidence_kind(confidence);
   if (temperature > 0) {
     TORCH_CHECK_VALUE(uniforms.has_value(), "confident_select: uniforms (N,) are required when temperature > 0");
@@ -80,6 +86,21 @@ void check_confident_select_args(const at::Tensor& logits, const at::Tensor& row
                     ", logits on ", logits.device());
   TORCH_CHECK_VALUE(n.device() == logits.device(), "confident_select: n is on ", n.device(), ", logits on ",
                     logits.device());
+}
+
+ConfidentCommitParams confident_commit_params(const float* confidence, const at::Tensor& row_ids, const at::Tensor& n,
+                                              std::optional<double> threshold, bool batch_coupled, at::Tensor& commit) {
+  ConfidentCommitParams c;
+  c.confidence = confidence;
+  c.row_ids = row_ids.const_data_ptr<int64_t>();
+  c.n = n.const_data_ptr<int64_t>();
+  c.num_rows = row_ids.size(0);
+  c.groups = n.size(0);
+  c.batch_coupled = batch_coupled;
+  c.use_threshold = threshold.has_value() && *threshold > 0;
+  c.threshold = static_cast<float>(threshold.value_or(0.0));  // compared in fp32, as the reference does
+  c.commit = commit.mutable_data_ptr<bool>();
+  return c;
 }
 
 ConfidentSelectInputs confident_select_inputs(const at::Tensor& logits, const at::Tensor& row_ids, const at::Tensor& n,

@@ -10,8 +10,11 @@
 namespace dimple_rt {
 void check_masked_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const std::optional<at::Tensor>& prefix_k, const std::optional<at::Tensor>& prefix_v,
-                                 const std::optional<at::Tensor>& key_mask,
-                                 const std::optional<at::Tensor>& cu_seqlens) {
+                                 const std::optional<at::Tensor>& key_mask, const std::optional<at::Tensor>& cu_seqlens,
+                                 std::optional<double> scale) {
+  // The kernels multiply by the fp32 scale: NaN, inf or <= 0 (also after rounding to fp32) is refused.
+  TORCH_CHECK_VALUE(!scale.has_value() || (std::isfinite(static_cast<float>(*scale)) && static_cast<float>(*scale) > 0),
+                    "masked_attention: scale must be finite and > 0 (as a float32), got ", scale.value_or(0));
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"q", q}, {"k", k}, {"v", v}}) {
     TORCH_CHECK_VALUE(t.dim() == 4, "masked_attention: ", name, " must be 4-D (batch, len, heads, head_dim), got ",
                       shape_str(t.sizes()));

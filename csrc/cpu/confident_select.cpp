@@ -23,6 +23,10 @@
 // cheap serial pass over the N confidences afterwards. Vector loops are at::vec::Vectorized<float>; a
 // partial last vector is padded with -inf, which every pass treats as probability 0, and is masked out of
 // the candidate lists.
+//
+// Tempered logits are zt = z / T (fp32), except in a row where max(z) / T is not finite in fp32 (a tiny T or a
+// huge logit): there zt = (z − max z) / T, which is <= 0 and exactly 0 at the argmax, the T → 0 limit done
+// without inf − inf. Every tempered quantity goes through tempered() / tempered1(), which switch per row.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/functional.h>
@@ -214,9 +218,13 @@ class RowSelector {
   }
 
  private:
-  Vec tempered(const Vec& x) const { return tempered_ ? x / vt_ : x; }
+  // The tempered logit: z / T, or (z − m) / T in a shifted row (m = max z, known after pass 1).
+  Vec tempered(const Vec& x) const { return tempered_ ? (shifted_ ? (x - vm_) / vt_ : x / vt_) : x; }
+  float tempered1(float x) const { return tempered_ ? (shifted_ ? (x - m_) / p_.temperature : x / p_.temperature) : x; }
 
-  // Pass 1: m, the lowest index of m, the second largest z; the k-th largest tempered logit.
+  // Pass 1: m, the lowest index of m, the second largest z; the k-th largest tempered logit. The candidates
+  // are the raw logits: tempered() is monotone (non-decreasing), so the k-th largest of zt is tempered(the
+  // k-th largest z), bit for bit, and it needs m only afterwards.
   void pass_max(int64_t r) {
     // Two independent lane sets (even / odd vectors) so that the compare-blend chains overlap.
     LaneTop2 lanes[2];
@@ -227,16 +235,16 @@ class RowSelector {
       const Vec x = load_logits(row_, i, V_);
       lanes[0].update(x, static_cast<float>(i));  // exact: V < 2^24
       nan_seen = nan_seen | (x != x);
-      if (top_k_) kth.push(tempered(x), i, V_);
+      if (top_k_) kth.push(x, i, V_);
       if (i + kVec < V_) {
         const Vec y = load_logits(row_, i + kVec, V_);
         lanes[1].update(y, static_cast<float>(i + kVec));
         nan_seen = nan_seen | (y != y);
-        if (top_k_) kth.push(tempered(y), i + kVec, V_);
+        if (top_k_) kth.push(y, i + kVec, V_);
       }
     }
     finish_max(lanes, nan_seen, r);
-    if (top_k_) kth_ = kth.result();
+    if (top_k_) kth_ = tempered1(kth.result());
   }
 
   // Passes 1 and 2 fused for the greedy step with the original distribution's confidence (the common case):
@@ -304,7 +312,13 @@ class RowSelector {
       if (j != best) z2_ = std::max(z2_, m1[j]);
       z2_ = std::max(z2_, m2[j]);
     }
+    shifted_ = false;
     mt_ = tempered_ ? m_ / p_.temperature : m_;
+    if (!std::isfinite(mt_)) {  // m / T overflowed: tempered logits (z − m) / T, whose maximum is 0
+      shifted_ = true;
+      mt_ = 0.0f;
+    }
+    vm_ = Vec(m_);
   }
 
   // Pass 2: S0 = Σ exp(z − m), St = Σ exp(zt − mt) (with block sums when sampling without filters), and
@@ -505,7 +519,9 @@ class RowSelector {
         return;
       }
     }
-    *x0 = last->idx;  // u·Σ at or past the rounded total: the last token with weight
+    if (last == nullptr) return;  // no kept weight (cannot happen: the argmax weighs 1): keep the argmax
+    // u·Σ at or past the rounded total: the last token with weight
+    *x0 = last->idx;
     *w_x0 = last->w;
   }
 
@@ -528,6 +544,7 @@ class RowSelector {
       blk = last;
       limit = std::numeric_limits<double>::infinity();
     }
+    if (blk < 0) return;  // no weight anywhere (cannot happen: the argmax weighs 1): keep the argmax
     alignas(64) float w[kBlock];
     const int64_t i0 = blk * kBlock, i1 = std::min(V_, i0 + kBlock);
     const Vec vmt(mt_);
@@ -538,6 +555,7 @@ class RowSelector {
       cum += w[i - i0];
       if (cum > limit) break;
     }
+    if (pick < 0) return;
     *x0 = pick;
     *w_x0 = w[pick - i0];
   }
@@ -599,7 +617,7 @@ class RowSelector {
           }
           w2 = b;
         } else {
-          const float second = filtered && tempered_ ? z2_ / p_.temperature : z2_;
+          const float second = filtered ? tempered1(z2_) : z2_;
           w2 = vexp(second - (filtered ? mt_ : m_));
         }
         return 1.0f / sum - w2 / sum;
@@ -614,8 +632,9 @@ class RowSelector {
   Scratch& s_;
   const int64_t V_;
   const T* row_ = nullptr;
+  bool shifted_ = false;  // this row's tempered logits are (z − m) / T
   bool sampling_ = false, tempered_ = false, need_orig_ = true, need_filtered_ = false, top_p_ = false, top_k_ = false;
-  Vec vt_;
+  Vec vt_, vm_;
   float m_ = 0.0f, z2_ = 0.0f, mt_ = 0.0f, kth_ = 0.0f;
   int64_t argmax_ = 0;
   double s0_ = 0.0, st_ = 0.0, sk_ = 0.0;
@@ -639,11 +658,12 @@ void confident_select_rows(const ConfidentSelectParams& p) {
 }
 
 // commit[s, e) for one group: every confidence > threshold if any; else the n largest (ties: lowest index).
-void commit_group(const float* conf, int64_t s, int64_t e, int64_t n, std::optional<float> threshold, bool* commit,
-                  std::vector<int64_t>& order) {
-  if (threshold.has_value()) {
+void commit_group(const ConfidentCommitParams& c, int64_t s, int64_t e, int64_t n, std::vector<int64_t>& order) {
+  const float* conf = c.confidence;
+  bool* commit = c.commit;
+  if (c.use_threshold) {
     bool any = false;
-    for (int64_t i = s; i < e; ++i) any |= (commit[i] = conf[i] > *threshold);
+    for (int64_t i = s; i < e; ++i) any |= (commit[i] = conf[i] > c.threshold);
     if (any) return;
   }
   const int64_t k = std::min(n, e - s);
@@ -662,7 +682,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> confident_select_cpu(
     std::optional<double> top_p, std::optional<int64_t> top_k, const std::optional<at::Tensor>& uniforms_in,
     c10::string_view confidence, bool use_original_confidence, std::optional<double> threshold, bool batch_coupled) {
   const std::string_view kind_name(confidence.data(), confidence.size());
-  check_confident_select_args(logits_in, row_ids_in, n_in, temperature, top_p, top_k, uniforms_in, kind_name,
+  check_confident_select_args(logits_in, row_ids_in, n_in, temperature, top_p, top_k, uniforms_in, kind_name, threshold,
                               batch_coupled);
   TORCH_CHECK_VALUE(logits_in.device().is_cpu(), "confident_select_cpu: logits must be on the CPU, got ",
                     logits_in.device());
@@ -700,18 +720,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> confident_select_cpu(
                                  [&] { confident_select_rows<scalar_t>(p); });
 
   // The commit mask: one group (the whole batch) or one per batch row.
-  bool* cm = commit.mutable_data_ptr<bool>();
-  std::fill(cm, cm + N, false);
-  std::optional<float> thr;
-  if (threshold.has_value() && *threshold > 0) thr = static_cast<float>(*threshold);  // compared in fp32
+  const ConfidentCommitParams c = confident_commit_params(p.confidence, row_ids, n, threshold, batch_coupled, commit);
+  std::fill(c.commit, c.commit + N, false);
   std::vector<int64_t> order;
-  if (batch_coupled) {
-    commit_group(p.confidence, 0, N, nv[0], thr, cm, order);
+  if (c.batch_coupled) {
+    commit_group(c, 0, N, c.n[0], order);
   } else {
     for (int64_t s = 0; s < N;) {
       int64_t e = s + 1;
-      while (e < N && rid[e] == rid[s]) ++e;
-      commit_group(p.confidence, s, e, nv[rid[s]], thr, cm, order);
+      while (e < N && c.row_ids[e] == c.row_ids[s]) ++e;
+      commit_group(c, s, e, c.n[c.row_ids[s]], order);
       s = e;
     }
   }

@@ -323,7 +323,7 @@ at::Tensor masked_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
                                 const std::optional<at::Tensor>& prefix_k, const std::optional<at::Tensor>& prefix_v,
                                 const std::optional<at::Tensor>& key_mask, const std::optional<at::Tensor>& cu_seqlens,
                                 bool causal, std::optional<double> scale) {
-  check_masked_attention_args(q, k, v, prefix_k, prefix_v, key_mask, cu_seqlens);
+  check_masked_attention_args(q, k, v, prefix_k, prefix_v, key_mask, cu_seqlens, scale);
   TORCH_CHECK_VALUE(q.device().is_cpu(), "masked_attention_cpu: q must be on the CPU, got ", q.device());
 
   std::vector<int64_t> segments;  // cu_seqlens widened to int64, read through its stride

@@ -25,11 +25,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> confident_select_cuda(
     std::optional<double> top_p, std::optional<int64_t> top_k, const std::optional<at::Tensor>& uniforms_in,
     c10::string_view confidence, bool use_original_confidence, std::optional<double> threshold, bool batch_coupled) {
   const std::string_view kind_name(confidence.data(), confidence.size());
-  check_confident_select_args(logits_in, row_ids_in, n_in, temperature, top_p, top_k, uniforms_in, kind_name,
+  check_confident_select_args(logits_in, row_ids_in, n_in, temperature, top_p, top_k, uniforms_in, kind_name, threshold,
                               batch_coupled);
   TORCH_CHECK_VALUE(logits_in.is_cuda(), "confident_select_cuda: logits must be on a CUDA device, got ",
                     logits_in.device());
   const int64_t N = logits_in.size(0);
+  TORCH_CHECK_VALUE(N < (int64_t{1} << 31), "confident_select: the CUDA kernel supports up to 2^31 - 1 rows, got ", N);
   const c10::cuda::CUDAGuard guard(logits_in.device());
   const ConfidentSelectInputs in = confident_select_inputs(logits_in, row_ids_in, n_in, temperature, uniforms_in);
   const at::Tensor &logits = in.logits, &row_ids = in.row_ids, &n = in.n, &uniforms = in.uniforms;
@@ -52,16 +53,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> confident_select_cuda(
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-  cuda::select::CommitParams c;
-  c.confidence = p.confidence;
-  c.row_ids = row_ids.const_data_ptr<int64_t>();
-  c.n = n.const_data_ptr<int64_t>();
-  c.num_rows = N;
-  c.groups = n.size(0);
-  c.batch_coupled = batch_coupled;
-  c.use_threshold = threshold.has_value() && *threshold > 0;
-  c.threshold = static_cast<float>(threshold.value_or(0.0));  // compared in fp32, as the reference does
-  c.commit = commit.mutable_data_ptr<bool>();
+  const ConfidentCommitParams c = confident_commit_params(p.confidence, row_ids, n, threshold, batch_coupled, commit);
   const unsigned blocks = static_cast<unsigned>((N + cuda::select::kCommitThreads - 1) / cuda::select::kCommitThreads);
   cuda::select::commit_kernel<<<blocks, cuda::select::kCommitThreads, 0, stream>>>(c);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -28,8 +28,13 @@
 // row ids), then "any confidence > threshold" or its rank by (confidence desc, index asc) against n. O(group²)
 // compares over a few hundred confidences, read from L1.
 //
+// Tempered logits are zt = z / T, except in a row where m / T is not finite in fp32: there (z − m) / T (the
+// T → 0 limit without inf − inf; the CPU kernel and the reference do the same).
+//
 // Values on the device are not checked (that would need a host round trip): a row without a finite maximum
-// gets confidence NaN (the CPU op raises), row ids without an entry in n commit as if n were 0.
+// (all -inf, or a NaN/+inf entry) gets its argmax (an in-vocabulary id) and confidence NaN where the CPU op
+// raises; row ids without an entry in n commit as if n were 0; uniforms outside [0, 1) clamp to the first
+// or last kept entry.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -39,7 +44,7 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "common/confident_select.h"
+#include "common/confident_select_params.h"
 #include "cuda/kernels/device_utils.cuh"
 
 namespace dimple_rt {
@@ -195,7 +200,6 @@ __global__ void __launch_bounds__(kThreads) confident_select_rows_kernel(const C
   const bool top_p = need_filtered && p.top_p < 1.0;
   const bool top_k = need_filtered && p.top_k > 0 && p.top_k < p.vocab;
   const float T_ = p.temperature;
-  auto tempered = [&](float z) { return sampling ? __fdiv_rn(z, T_) : z; };
 
   // ---- pass: max, lowest argmax, second largest, NaN/+inf
   {
@@ -262,7 +266,14 @@ __global__ void __launch_bounds__(kThreads) confident_select_rows_kernel(const C
     }
     return;
   }
-  const float mt = sampling ? __fdiv_rn(m, T_) : m;  // max(z / T) == max(z) / T: division by T > 0 is monotone
+  // max(z / T) == max(z) / T: division by T > 0 is monotone. When that is not finite in fp32 (a tiny T, a huge
+  // logit) the row's tempered logits are (z − m) / T instead: <= 0, exactly 0 at the argmax, no inf − inf.
+  const float mt_plain = sampling ? __fdiv_rn(m, T_) : m;
+  const bool shifted = sampling && !isfinite(mt_plain);
+  const float mt = shifted ? 0.0f : mt_plain;
+  auto tempered = [&](float z) {
+    return sampling ? (shifted ? __fdiv_rn(__fsub_rn(z, m), T_) : __fdiv_rn(z, T_)) : z;
+  };
 
   // ---- pass: S0 and St
   double s0 = 0.0, st = 0.0;
@@ -481,6 +492,7 @@ __global__ void __launch_bounds__(kThreads) confident_select_rows_kernel(const C
         }
         if (pick < 0 || pick > last_kept) {  // u·Σ at or past the rounded total: the last entry with weight
           pick = last_kept;
+          if (pick < 0) pick = argmax;  // no kept weight (cannot happen: the argmax weighs 1)
           wpick = expf(tempered(to_float(row[pick])) - mt);
         }
         sh.x0 = pick;
@@ -530,21 +542,10 @@ __global__ void __launch_bounds__(kThreads) confident_select_rows_kernel(const C
   }
 }
 
-// The commit decision of every entry (kernel 2).
-struct CommitParams {
-  const float* confidence = nullptr;  // (num_rows,)
-  const int64_t* row_ids = nullptr;   // (num_rows,) non-decreasing
-  const int64_t* n = nullptr;         // (groups,)
-  int64_t num_rows = 0, groups = 0;
-  bool batch_coupled = true;
-  bool use_threshold = false;
-  float threshold = 0.0f;
-  bool* commit = nullptr;  // (num_rows,) out
-};
-
 constexpr int kCommitThreads = 256;
 
-__global__ void __launch_bounds__(kCommitThreads) commit_kernel(const CommitParams c) {
+// The commit decision of every entry (kernel 2); the CPU op reads the same ConfidentCommitParams.
+__global__ void __launch_bounds__(kCommitThreads) commit_kernel(const ConfidentCommitParams c) {
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= c.num_rows) return;
   int64_t s = 0, e = c.num_rows, count = c.n[0];

@@ -16,7 +16,7 @@
 
 #include <cstdint>
 
-#include "common/kv_cache_write.h"
+#include "common/kv_cache_write_params.h"
 #include "cuda/kernels/device_utils.cuh"
 
 namespace dimple_rt {

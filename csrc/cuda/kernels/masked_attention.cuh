@@ -36,7 +36,7 @@
 #include <cmath>
 #include <cstdint>
 
-#include "common/masked_attention.h"
+#include "common/masked_attention_params.h"
 #include "cuda/kernels/device_utils.cuh"
 
 namespace dimple_rt {
