@@ -64,7 +64,7 @@ def sdpa_attention(
     q: (batch, len, heads, head_dim); k, v: (batch, len, kv_heads, head_dim) → (batch, len, heads, head_dim).
     """
     q, k, v, prefix_k, prefix_v = _autocast_inputs(q, k, v, prefix_k, prefix_v)
-    check_masked_attention_args(q, k, v, prefix_k, prefix_v, key_mask, cu_seqlens)
+    check_masked_attention_args(q, k, v, prefix_k, prefix_v, key_mask, cu_seqlens, scale)
     batch, q_len, num_heads, _ = q.shape
     if prefix_k is not None:
         assert prefix_v is not None
