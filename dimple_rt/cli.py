@@ -47,13 +47,24 @@ def _conversation(prompt: str, image: object | None) -> list[dict]:
     return [{"role": "user", "content": [*content, {"type": "text", "text": prompt}]}]
 
 
+def _generation_options(args: argparse.Namespace) -> dict[str, object]:
+    """GenerationConfig options from the shared flags; GenerationConfig validates them (a threshold of 0 turns
+    confident decoding off)."""
+    options: dict[str, object] = {
+        "max_new_tokens": args.max_new_tokens,
+        "alg": args.alg,
+        "prefill": not args.no_prefill,
+    }
+    if args.threshold is not None:
+        options["threshold"] = args.threshold
+    return options
+
+
 def _run_generate(model: str, prompt: str, image: object | None, args: argparse.Namespace) -> None:
     from dimple_rt import Runtime
 
     rt = Runtime(model, backend=args.backend)
-    options = {"max_new_tokens": args.max_new_tokens, "alg": args.alg, "prefill": not args.no_prefill}
-    if args.threshold is not None:
-        options["threshold"] = args.threshold if args.threshold > 0 else None
+    options = _generation_options(args)
     start = time.perf_counter()
     result = rt.generate(_conversation(prompt, image), **options)
     elapsed = time.perf_counter() - start
@@ -77,9 +88,7 @@ def _demo(args: argparse.Namespace) -> int:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         image.save(Path(args.out) / "demo.png")
     rt = Runtime("dimple-tiny", backend=args.backend)
-    options = {"max_new_tokens": args.max_new_tokens, "alg": args.alg, "prefill": not args.no_prefill}
-    if args.threshold is not None:
-        options["threshold"] = args.threshold if args.threshold > 0 else None
+    options = _generation_options(args)
     start = time.perf_counter()
     result = rt.generate(tasks.conversation(example, image), **options)
     elapsed = time.perf_counter() - start
