@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import statistics
 import time
 from typing import Any
