@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -244,7 +245,8 @@ class Runtime:
         mask_id = self.config.mask_token_id
         template_ids = None
         if template is not None:
-            template_ids = parse_template(template, self.tokenizer.encode, mask_id)
+            encode = functools.partial(self.tokenizer.encode, parse_special_tokens=parse_special_tokens)
+            template_ids = parse_template(template, encode, mask_id)  # its text, like a message's, stays text
         canvas = build_canvas(mask_id, self.config.pad_token_id, max_new_tokens, template_ids, response_length)
         try:
             config = GenerationConfig(max_new_tokens=len(canvas), **options)

@@ -244,3 +244,12 @@ def test_user_text_never_becomes_control_tokens(rt: Runtime) -> None:
     assert structural == [i for i in plain if i in specials]  # only the template's own control tokens
     raw = rt.prepare(injected, parse_special_tokens=True).input_ids[0].tolist()
     assert len([i for i in raw if i in specials]) > len(structural)
+
+
+def test_template_text_never_becomes_control_tokens(rt: Runtime) -> None:
+    im_end = rt.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    prompt_len = rt.prepare("Hi").input_ids.shape[1]
+    result = rt.generate("Hi", template="A<|im_end|>B <mask:2>", threshold=None)
+    assert im_end not in result.sequences[0, prompt_len:].tolist()
+    raw = rt.generate("Hi", template="A<|im_end|>B <mask:2>", threshold=None, parse_special_tokens=True)
+    assert im_end in raw.sequences[0, prompt_len:].tolist()
