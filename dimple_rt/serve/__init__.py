@@ -1,0 +1,68 @@
+# SPDX-License-Identifier: Apache-2.0
+"""``dimple-rt serve``: an OpenAI-compatible HTTP server for a Runtime.
+
+``app`` holds the FastAPI app and ``schemas`` the OpenAI request/response bodies; ``scheduler`` owns the
+Runtime and runs the denoising steps in one worker thread; ``metrics`` renders Prometheus text. :func:`serve`
+puts them together behind uvicorn.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .app import create_app
+from .errors import APIError
+from .images import ImageLimits
+from .metrics import Metrics
+from .scheduler import Scheduler
+
+GRACEFUL_SHUTDOWN_SECONDS = 30
+"""After SIGTERM/SIGINT: how long in-flight requests may run on before they are cancelled."""
+
+
+def serve(
+    model: str | os.PathLike,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_batch: int = 8,
+    max_queue: int = 64,
+    api_key: str | None = None,
+    image_dir: str | Path | None = None,
+    timeout: float = 300.0,
+    max_images: int = 4,
+    backend: str = "kernels",
+    log_level: str = "info",
+) -> int:
+    """Load ``model`` and serve it until SIGTERM/SIGINT; returns 0 after a clean shutdown.
+
+    On SIGTERM uvicorn stops accepting connections and lets in-flight requests finish (at most
+    :data:`GRACEFUL_SHUTDOWN_SECONDS`); then the scheduler fails what is still queued with 503 and stops.
+    """
+    import uvicorn
+
+    from dimple_rt import Runtime
+
+    runtime = Runtime(model, backend=backend)
+    scheduler = Scheduler(runtime, max_batch=max_batch, max_queue=max_queue, timeout=timeout)
+    app = create_app(
+        scheduler,
+        model_name=str(model),
+        api_key=api_key,
+        image_dir=image_dir,
+        limits=ImageLimits(max_images=max_images),
+    )
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+    )
+    server = uvicorn.Server(config)
+    server.run()
+    return 0 if server.started else 1
+
+
+__all__ = ["APIError", "ImageLimits", "Metrics", "Scheduler", "create_app", "serve"]

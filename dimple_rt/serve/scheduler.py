@@ -1,0 +1,380 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The scheduler: owns the Runtime and runs every denoising step in one worker thread, off the event loop.
+
+Requests wait in a bounded FIFO queue (full → 429 with Retry-After). Up to ``max_batch`` of them are active at
+once; at every step boundary the worker admits queued requests, drops cancelled or timed-out ones, then advances
+each active request by one step (round robin), so a request joins and leaves the running set between steps.
+
+What is not there yet: the active requests' forwards are not fused into one batched forward. Each request runs
+its own ``Runtime.stream`` generator (its own canvas, KV cache and RNG streams), so its answer is exactly its
+single-request answer, but the steps of different requests run one after another. Fusing needs one forward over
+rows at different steps with different prompt lengths and per-row prefill caches (model/ and generation/ work).
+
+Each request talks to its caller through ``emit(event)``, called from the worker thread: :class:`Started` after
+its first step (so every validation error arrives before it), :class:`Progress` after every step, then exactly
+one of :class:`Finished` or :class:`Failed`. A cancelled request gets no further event.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dimple_rt.generation.loop import NonFiniteLogitsError
+
+from .errors import APIError
+from .metrics import Metrics
+from .schemas import ChatRequest
+
+log = logging.getLogger("dimple_rt.serve")
+
+
+@dataclass
+class Completion:
+    """A finished request. finish_reason: "stop" (the answer ended, or a stop string cut it) or "length" (the
+    canvas filled without an end); token_ids: the answer's ids (cut at the terminator, before stop strings)."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    forward_passes: int
+    canvas_tokens: int
+    queue_seconds: float
+    decode_seconds: float
+
+    def usage(self) -> dict[str, int]:
+        completion = len(self.token_ids)
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": self.prompt_tokens + completion,
+        }
+
+    def extension(self) -> dict[str, Any]:
+        """Dimple's extension fields of a response."""
+        return {
+            "forward_passes": self.forward_passes,
+            "canvas_tokens": self.canvas_tokens,
+            "queue_seconds": round(self.queue_seconds, 6),
+            "decode_seconds": round(self.decode_seconds, 6),
+            "seconds": round(self.queue_seconds + self.decode_seconds, 6),
+        }
+
+
+@dataclass
+class Started:
+    prompt_tokens: int
+
+
+@dataclass
+class Progress:
+    """The canvas (max_tokens ids, masks included) after step ``step``; committed: tokens unmasked by it."""
+
+    step: int
+    canvas: list[int]
+    committed: int
+
+
+@dataclass
+class Finished:
+    completion: Completion
+
+
+@dataclass
+class Failed:
+    error: APIError
+
+
+Event = Started | Progress | Finished | Failed
+
+
+class Job:
+    """One request inside the scheduler. ``cancel()`` may be called from any thread."""
+
+    def __init__(self, request: ChatRequest, emit: Callable[[Event], None], timeout: float) -> None:
+        self.request = request
+        self.emit = emit
+        self.arrived = time.monotonic()
+        self.deadline = self.arrived + timeout
+        self.cancelled = threading.Event()
+        self.stream: Iterator[Any] | None = None
+        self.prompt_tokens = 0
+        self.steps = 0
+        self.canvas: list[int] = []
+        self.started = 0.0
+        self.decode_seconds = 0.0
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+class Scheduler:
+    """Owns ``runtime``; ``start()`` the worker, ``submit()`` requests, ``shutdown()`` at the end.
+
+    max_batch: requests decoded at once; max_queue: requests waiting beyond those; timeout: seconds a request
+    may take from arrival (queueing included) before it fails with 504.
+    """
+
+    def __init__(
+        self,
+        runtime: Any,
+        *,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        timeout: float = 300.0,
+        metrics: Metrics | None = None,
+    ) -> None:
+        if max_batch < 1 or max_queue < 0 or not timeout > 0:
+            raise ValueError(
+                f"need max_batch >= 1, max_queue >= 0 and timeout > 0, got {max_batch}, {max_queue}, {timeout}"
+            )
+        self.runtime = runtime
+        self.max_batch, self.max_queue, self.timeout = max_batch, max_queue, timeout
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.metrics.max_batch = max_batch
+        self._cond = threading.Condition()
+        self._pending: collections.deque[Job] = collections.deque()
+        self._active: list[Job] = []
+        self._paused = False
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # Caller side (any thread) ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="dimple-scheduler", daemon=True)
+            self._thread.start()
+
+    def submit(self, request: ChatRequest, emit: Callable[[Event], None]) -> Job:
+        """Queue a request; APIError 429 (with Retry-After) when the queue is full, 503 when shutting down."""
+        with self._cond:
+            if self._stopping:
+                raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
+            free_slots = 0 if self._paused else max(0, self.max_batch - len(self._active))
+            if len(self._pending) >= self.max_queue + free_slots:
+                raise APIError(
+                    429,
+                    f"the server is busy: {len(self._pending)} requests are queued (--max-queue {self.max_queue}); "
+                    "retry after a moment",
+                    type="rate_limit_error",
+                    code="queue_full",
+                    headers={"Retry-After": "1"},
+                )
+            job = Job(request, emit, self.timeout)
+            self._pending.append(job)
+            self._gauges()
+            self._cond.notify_all()
+        return job
+
+    def cancel(self, job: Job) -> None:
+        """Cancel a request (a client went away): it leaves the queue now, or the batch at the next step."""
+        job.cancel()
+        with self._cond:
+            if job in self._pending:
+                self._pending.remove(job)
+                self.metrics.finish("cancelled")
+                self._gauges()
+            self._cond.notify_all()
+
+    def pause(self) -> None:
+        """Admit nothing new from the queue until :meth:`resume` (active requests go on)."""
+        with self._cond:
+            self._paused = True
+
+    def resume(self) -> None:
+        with self._cond:
+            self._paused = False
+            self._cond.notify_all()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._pending)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self._active)
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Fail queued requests with 503 and stop; active requests are cancelled at their next step boundary."""
+        with self._cond:
+            self._stopping = True
+            while self._pending:
+                self._fail(self._pending.popleft(), APIError(503, "the server is shutting down", type="server_error"))
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # Worker side ------------------------------------------------------------------------------------------------
+
+    def _gauges(self) -> None:
+        self.metrics.gauges(len(self._pending), len(self._active))
+
+    def _run(self) -> None:
+        # One inference mode around everything: each request's stream enters and leaves its own, interleaved with
+        # the others', and each restores the state it found, which must be "on" for the canvases to stay writable.
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    while not self._stopping and not self._active and (self._paused or not self._pending):
+                        self._cond.wait()
+                    if self._stopping:
+                        break
+                    admitted = []
+                    while self._pending and not self._paused and len(self._active) + len(admitted) < self.max_batch:
+                        admitted.append(self._pending.popleft())
+                for job in admitted:
+                    self._admit(job)
+                for job in list(self._active):
+                    self._advance(job)
+                with self._cond:
+                    self._gauges()
+            for job in self._active:
+                self._close(job)
+                self._fail(job, APIError(503, "the server shut down before the answer was done", type="server_error"))
+            self._active.clear()
+            self._gauges()
+
+    def _admit(self, job: Job) -> None:
+        if job.cancelled.is_set():
+            return
+        if time.monotonic() > job.deadline:
+            self._fail(job, self._timeout_error())
+            return
+        request, runtime = job.request, self.runtime
+        job.started = time.monotonic()
+        try:
+            inputs = runtime.prepare(request.messages)
+        except (ValueError, TypeError, NotImplementedError) as err:
+            self._fail(job, APIError(400, str(err), param="messages"))
+            return
+        job.prompt_tokens = int(inputs.input_ids.shape[1])
+        options = dict(request.options)
+        if request.max_tokens is not None:
+            options["max_new_tokens"] = request.max_tokens
+        job.stream = runtime.stream(
+            inputs, template=request.template, response_length=request.response_length, **options
+        )
+        self._active.append(job)
+
+    def _advance(self, job: Job) -> None:
+        if job.cancelled.is_set():
+            self._remove(job)
+            self.metrics.finish("cancelled")
+            return
+        if time.monotonic() > job.deadline:
+            self._remove(job)
+            self._fail(job, self._timeout_error())
+            return
+        begin = time.perf_counter()
+        try:
+            step = next(job.stream)  # type: ignore[arg-type]
+        except StopIteration:
+            self._remove(job)
+            self._complete(job)
+            return
+        except NonFiniteLogitsError as err:
+            self._remove(job)
+            self._fail(job, APIError(500, f"the model failed: {err}", type="server_error", code="non_finite_logits"))
+            return
+        except (ValueError, TypeError) as err:  # the options meet the prompt at the first step: the client's call
+            self._remove(job)
+            if job.steps == 0:
+                self._fail(job, APIError(400, _as_request_message(str(err)), param=_param_of(str(err))))
+            else:
+                log.exception("request failed at step %d", job.steps)
+                self._fail(job, APIError(500, f"decoding failed: {err}", type="server_error"))
+            return
+        except Exception as err:
+            log.exception("request failed at step %d", job.steps)
+            self._remove(job)
+            self._fail(job, APIError(500, f"decoding failed: {type(err).__name__}", type="server_error"))
+            return
+        seconds = time.perf_counter() - begin
+        job.decode_seconds += seconds
+        self.metrics.step(step.committed, seconds)
+        job.steps += 1
+        job.canvas = step.canvas[0].tolist()
+        if job.steps == 1:
+            self._emit(job, Started(job.prompt_tokens))
+        self._emit(job, Progress(step.step, job.canvas, step.committed))
+
+    def _complete(self, job: Job) -> None:
+        tokenizer = self.runtime.tokenizer
+        answer = tokenizer.answer_ids(job.canvas)
+        text = tokenizer.decode(answer)
+        finish_reason = "stop" if len(answer) < len(job.canvas) else "length"
+        cut = cut_at_stop(text, job.request.stop)
+        if cut is not None:
+            text, finish_reason = cut, "stop"
+        completion = Completion(
+            text=text,
+            token_ids=answer,
+            finish_reason=finish_reason,
+            prompt_tokens=job.prompt_tokens,
+            forward_passes=job.steps,
+            canvas_tokens=len(job.canvas),
+            queue_seconds=job.started - job.arrived,
+            decode_seconds=time.monotonic() - job.started,
+        )
+        self.metrics.finish(
+            finish_reason, completion.prompt_tokens, len(answer), completion.queue_seconds + completion.decode_seconds
+        )
+        self._emit(job, Finished(completion))
+
+    def _timeout_error(self) -> APIError:
+        return APIError(
+            504,
+            f"the request did not finish within the server's timeout of {self.timeout:g} s (queueing included); "
+            "ask for fewer max_tokens or steps",
+            type="timeout",
+            code="timeout",
+        )
+
+    def _remove(self, job: Job) -> None:
+        self._active.remove(job)
+        self._close(job)
+
+    @staticmethod
+    def _close(job: Job) -> None:
+        if job.stream is not None:
+            job.stream.close()  # type: ignore[attr-defined]
+
+    def _fail(self, job: Job, error: APIError) -> None:
+        self.metrics.finish("timeout" if error.status == 504 else "error")
+        self._emit(job, Failed(error))
+
+    @staticmethod
+    def _emit(job: Job, event: Event) -> None:
+        if job.cancelled.is_set():
+            return
+        try:
+            job.emit(event)
+        except Exception:  # a caller's callback must never stop the worker
+            log.exception("emit failed")
+
+
+def cut_at_stop(text: str, stops: list[str]) -> str | None:
+    """``text`` up to the earliest stop string (OpenAI: the stop string is not returned), or None if none occurs."""
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return text[: min(found)] if found else None
+
+
+def _param_of(message: str) -> str | None:
+    for name in ("max_new_tokens", "template", "response_length"):
+        if name in message:
+            return "max_tokens" if name == "max_new_tokens" else f"dimple.{name}"
+    return None
+
+
+def _as_request_message(message: str) -> str:
+    """Runtime names the canvas max_new_tokens; the request calls it max_tokens."""
+    return message.replace("max_new_tokens", "max_tokens (max_new_tokens)")
