@@ -109,7 +109,9 @@ def _decode(data: bytes, where: str, param: str, limits: ImageLimits) -> PIL.Ima
         image = PIL.Image.open(io.BytesIO(data))
         width, height = image.size
     except Exception as err:  # PIL raises many types for bad data; every one is the client's file
-        raise bad_request(f"{param}: {where} is not a readable image (PNG, JPEG, ...): {err}", param) from err
+        reason = "" if isinstance(err, PIL.UnidentifiedImageError) else f": {err}"
+        message = f"{param}: {where} is not a readable image (PNG, JPEG, GIF, WebP, ...){reason}"
+        raise bad_request(message, param) from err
     if width * height > limits.max_pixels:
         raise bad_request(
             f"{param}: the image is {width}x{height} pixels; at most {limits.max_pixels} pixels are accepted", param

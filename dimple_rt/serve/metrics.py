@@ -21,6 +21,7 @@ class Metrics:
         self.finished: collections.Counter[str] = collections.Counter()  # finish reason (stop, length, error...)
         self.queue_depth = 0
         self.batch_size = 0
+        self.peak_batch_size = 0
         self.max_batch = 0
         self.forward_passes = 0
         self.prompt_tokens = 0
@@ -37,6 +38,7 @@ class Metrics:
     def gauges(self, queue_depth: int, batch_size: int) -> None:
         with self._lock:
             self.queue_depth, self.batch_size = queue_depth, batch_size
+            self.peak_batch_size = max(self.peak_batch_size, batch_size)
 
     def step(self, committed: int, seconds: float) -> None:
         """One forward pass of one request, which committed ``committed`` canvas tokens in ``seconds``."""
@@ -81,6 +83,7 @@ class Metrics:
             scalars = [
                 ("queue_depth", "gauge", "Requests waiting to join the batch.", self.queue_depth),
                 ("batch_size", "gauge", "Requests being decoded now.", self.batch_size),
+                ("peak_batch_size", "gauge", "The most requests decoded at once so far.", self.peak_batch_size),
                 ("max_batch", "gauge", "The most requests decoded at once (--max-batch).", self.max_batch),
                 ("forward_passes_total", "counter", "Denoising steps run (one forward each).", self.forward_passes),
                 ("prompt_tokens_total", "counter", "Prompt tokens of finished requests.", self.prompt_tokens),

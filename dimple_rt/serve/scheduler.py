@@ -377,4 +377,4 @@ def _param_of(message: str) -> str | None:
 
 def _as_request_message(message: str) -> str:
     """Runtime names the canvas max_new_tokens; the request calls it max_tokens."""
-    return message.replace("max_new_tokens", "max_tokens (max_new_tokens)")
+    return message.replace("max_new_tokens", "max_tokens")
