@@ -9,6 +9,8 @@ puts them together behind uvicorn.
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from pathlib import Path
 
 from .app import create_app
@@ -61,8 +63,20 @@ def serve(
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
     )
     server = uvicorn.Server(config)
-    server.run()
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT, then raises the signal again to the handler it found, which
+    # would kill the process after a clean shutdown. A handler that ignores it makes the exit status 0.
+    quiet = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, _ignore) for sig in (signal.SIGTERM, signal.SIGINT)} if quiet else {}
+    try:
+        server.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0 if server.started else 1
+
+
+def _ignore(sig: int, frame: object) -> None:
+    """The signal handler uvicorn hands a shutdown signal back to once it has shut down."""
 
 
 __all__ = ["APIError", "ImageLimits", "Metrics", "Scheduler", "create_app", "serve"]
