@@ -287,6 +287,17 @@ def _image_body(url: str, count: int = 1) -> dict:
 
 BAD_REQUESTS = {
     "malformed JSON": (b'{"model": "dimple-tiny", "messages": [', 400, None, "not valid JSON"),
+    "deeply nested JSON": (b"[" * 100_000 + b"]" * 100_000, 400, None, "nested too deeply"),
+    "text part without text": (
+        _body(messages=[{"role": "user", "content": [{"type": "text", "text": 3}]}]),
+        400,
+        "messages[0].content[0]",
+        "a text part is",
+    ),
+    "too much text": (_body(messages=[{"role": "user", "content": "x" * 1_000_001}]), 400, "messages", "characters"),
+    "stop of the wrong type": (_body(stop=[""]), 400, "stop", "stop must be"),
+    "max_tokens a bool": (_body(max_tokens=True), 400, "max_tokens", "max_tokens must be"),
+    "seed a float": (_body(seed=1.5), 400, "seed", "seed"),
     "not an object": (b"[1, 2]", 400, None, "JSON object"),
     "unknown field": (_body(frequency_penalty=0.5), 400, "frequency_penalty", "unsupported field"),
     "huge max_tokens": (_body(max_tokens=10**12), 400, "max_tokens", "max_tokens must be"),
@@ -365,6 +376,26 @@ def test_client_disconnect_cancels_its_request(server: Server) -> None:
         time.sleep(0.05)
     assert server.scheduler.batch_size == 0
     assert metrics.forward_passes - passes < 2000
+
+
+def test_client_disconnect_while_queued_cancels_its_request(server: Server) -> None:
+    """A non-streamed request waiting in the (paused) queue whose client gives up leaves the queue."""
+    cancelled = server.scheduler.metrics.finished["cancelled"]
+    server.scheduler.pause()
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(
+                f"{server.url}/v1/chat/completions",
+                json=_body(),
+                headers={"Authorization": f"Bearer {KEY}"},
+                timeout=httpx.Timeout(30, read=1.0),
+            )
+        deadline = time.monotonic() + 10
+        while server.scheduler.queue_depth or server.scheduler.metrics.finished["cancelled"] == cancelled:
+            assert time.monotonic() < deadline, "the abandoned request stayed in the queue"
+            time.sleep(0.05)
+    finally:
+        server.scheduler.resume()
 
 
 METRIC_LINE = re.compile(

@@ -125,6 +125,8 @@ def create_app(
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise bad_request(f"the request body is not valid JSON ({err}); send a JSON object") from None
+        except RecursionError:
+            raise bad_request("the request body is nested too deeply; send a plain JSON object") from None
         chat = await run_in_threadpool(parse_chat_request, body, model_name=model_name, image_dir=folder, limits=limits)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()

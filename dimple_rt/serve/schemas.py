@@ -58,6 +58,8 @@ DIMPLE_OPTIONS = (
 (send the whole canvas after every step as an extension chunk)."""
 ROLES = ("system", "user", "assistant")
 MAX_STOP = 4
+MAX_TEXT_CHARS = 1_000_000
+"""Text characters over all messages: far more than any model's positions, far less than a slow tokenization."""
 
 
 @dataclass
@@ -198,7 +200,7 @@ def _stop(stop: object) -> list[str]:
 def _messages(messages: object, image_dir: Path | None, limits: ImageLimits) -> list[dict[str, Any]]:
     if not isinstance(messages, list) or not messages:
         raise bad_request("messages must be a non-empty list of {role, content} objects", "messages")
-    converted, images = [], 0
+    converted, images, text_chars = [], 0, 0
     for m, message in enumerate(messages):
         where = f"messages[{m}]"
         if not isinstance(message, dict):
@@ -211,6 +213,7 @@ def _messages(messages: object, image_dir: Path | None, limits: ImageLimits) -> 
             raise bad_request(f"{where}.role must be one of {', '.join(ROLES)}, got {role!r}", f"{where}.role")
         content = message.get("content")
         if isinstance(content, str):
+            text_chars += len(content)
             converted.append({"role": role, "content": content})
             continue
         if not isinstance(content, list) or not content:
@@ -219,7 +222,10 @@ def _messages(messages: object, image_dir: Path | None, limits: ImageLimits) -> 
         for p, part in enumerate(content):
             at = f"{where}.content[{p}]"
             kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "text" and set(part) == {"type", "text"} and isinstance(part["text"], str):
+            if kind == "text":
+                if set(part) != {"type", "text"} or not isinstance(part["text"], str):
+                    raise bad_request(f"{at}: a text part is {{'type': 'text', 'text': <string>}}", at)
+                text_chars += len(part["text"])
                 parts.append({"type": "text", "text": part["text"]})
             elif kind == "image_url":
                 if role != "user":
@@ -244,6 +250,10 @@ def _messages(messages: object, image_dir: Path | None, limits: ImageLimits) -> 
                     at,
                 )
         converted.append({"role": role, "content": parts})
+    if text_chars > MAX_TEXT_CHARS:
+        raise bad_request(
+            f"the messages hold {text_chars} characters of text; at most {MAX_TEXT_CHARS} are accepted", "messages"
+        )
     return converted
 
 
