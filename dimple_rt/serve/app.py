@@ -93,7 +93,7 @@ def create_app(
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        alive = scheduler._thread is not None and scheduler._thread.is_alive()
+        alive = scheduler.alive
         body = {
             "status": "ok" if alive else "unavailable",
             "model": model_name,

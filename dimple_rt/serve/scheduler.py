@@ -196,6 +196,11 @@ class Scheduler:
             self._cond.notify_all()
 
     @property
+    def alive(self) -> bool:
+        """The worker thread is running."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
     def queue_depth(self) -> int:
         return len(self._pending)
 
@@ -232,9 +237,9 @@ class Scheduler:
                     while self._pending and not self._paused and len(self._active) + len(admitted) < self.max_batch:
                         admitted.append(self._pending.popleft())
                 for job in admitted:
-                    self._admit(job)
+                    self._guarded(self._admit, job)
                 for job in list(self._active):
-                    self._advance(job)
+                    self._guarded(self._advance, job)
                 with self._cond:
                     self._gauges()
             for job in self._active:
@@ -243,8 +248,19 @@ class Scheduler:
             self._active.clear()
             self._gauges()
 
+    def _guarded(self, work: Callable[[Job], None], job: Job) -> None:
+        """Run one piece of a job's work; whatever goes wrong fails that job (500), never the worker."""
+        try:
+            work(job)
+        except Exception as err:
+            log.exception("request failed in the scheduler")
+            if job in self._active:
+                self._remove(job)
+            self._fail(job, APIError(500, f"internal error: {type(err).__name__}", type="server_error"))
+
     def _admit(self, job: Job) -> None:
         if job.cancelled.is_set():
+            self.metrics.finish("cancelled")
             return
         if time.monotonic() > job.deadline:
             self._fail(job, self._timeout_error())
@@ -255,6 +271,10 @@ class Scheduler:
             inputs = runtime.prepare(request.messages)
         except (ValueError, TypeError, NotImplementedError) as err:
             self._fail(job, APIError(400, str(err), param="messages"))
+            return
+        except Exception as err:  # prepare only reads the request (template, tokenizer, images): the input's fault
+            log.exception("prepare failed")
+            self._fail(job, APIError(400, f"the messages could not be prepared: {err}", param="messages"))
             return
         job.prompt_tokens = int(inputs.input_ids.shape[1])
         options = dict(request.options)
