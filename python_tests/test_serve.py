@@ -378,6 +378,23 @@ def test_client_disconnect_cancels_its_request(server: Server) -> None:
     assert metrics.forward_passes - passes < 2000
 
 
+def test_timeout_mid_stream_ends_the_stream_with_an_error(server: Server, client: openai.OpenAI) -> None:
+    server.scheduler.timeout = 1.0
+    try:
+        stream = client.chat.completions.create(
+            model=MODEL,
+            messages=_request(_example(0)),
+            max_tokens=MAX_TOKENS,
+            stream=True,
+            extra_body={"dimple": {"pipeline": "dream", "steps": 5000, "threshold": None}},
+        )
+        with pytest.raises(openai.APIError, match="timeout"):
+            list(stream)
+    finally:
+        server.scheduler.timeout = 60
+    assert httpx.get(f"{server.url}/health").json()["batch_size"] == 0
+
+
 def test_client_disconnect_while_queued_cancels_its_request(server: Server) -> None:
     """A non-streamed request waiting in the (paused) queue whose client gives up leaves the queue."""
     cancelled = server.scheduler.metrics.finished["cancelled"]
