@@ -147,6 +147,7 @@ def _serve(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         max_images=args.max_images,
         backend=args.backend,
+        shutdown_grace=args.shutdown_grace,
     )
 
 
@@ -162,6 +163,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take, queueing included")
     serve.add_argument("--max-images", type=int, default=4, help="images per request")
     serve.add_argument("--backend", default="kernels", choices=["kernels", "reference"])
+    serve.add_argument(
+        "--shutdown-grace", type=float, default=30.0, help="after SIGTERM, seconds in-flight requests may finish"
+    )
     serve.set_defaults(func=_serve)
 
 

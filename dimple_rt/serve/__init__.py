@@ -8,6 +8,7 @@ puts them together behind uvicorn.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import threading
@@ -19,8 +20,8 @@ from .images import ImageLimits
 from .metrics import Metrics
 from .scheduler import Scheduler
 
-GRACEFUL_SHUTDOWN_SECONDS = 30
-"""After SIGTERM/SIGINT: how long in-flight requests may run on before they are cancelled."""
+GRACEFUL_SHUTDOWN_SECONDS = 30.0
+"""After SIGTERM/SIGINT: how long in-flight requests may run on before they are answered 503."""
 
 
 def serve(
@@ -35,12 +36,13 @@ def serve(
     timeout: float = 300.0,
     max_images: int = 4,
     backend: str = "kernels",
+    shutdown_grace: float = GRACEFUL_SHUTDOWN_SECONDS,
     log_level: str = "info",
 ) -> int:
     """Load ``model`` and serve it until SIGTERM/SIGINT; returns 0 after a clean shutdown.
 
-    On SIGTERM uvicorn stops accepting connections and lets in-flight requests finish (at most
-    :data:`GRACEFUL_SHUTDOWN_SECONDS`); then the scheduler fails what is still queued with 503 and stops.
+    On SIGTERM (or SIGINT) uvicorn stops accepting connections and lets in-flight requests finish; after
+    ``shutdown_grace`` seconds the scheduler answers what is still queued or decoding with 503 and stops.
     """
     import uvicorn
 
@@ -60,9 +62,20 @@ def serve(
         host=host,
         port=port,
         log_level=log_level,
-        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+        timeout_graceful_shutdown=shutdown_grace + 10,  # a backstop: the scheduler has answered everyone by then
     )
-    server = uvicorn.Server(config)
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: list | None = None) -> None:
+            # uvicorn waits for in-flight requests, then cancels their tasks (a bare 500). Before that, stop the
+            # scheduler: what is still decoding after the grace period gets a proper 503 and its connection ends.
+            drain = asyncio.get_running_loop().call_later(shutdown_grace, scheduler.shutdown, 0.0)
+            try:
+                await super().shutdown(sockets)
+            finally:
+                drain.cancel()
+
+    server = Server(config)
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then raises the signal again to the handler it found, which
     # would kill the process after a clean shutdown. A handler that ignores it makes the exit status 0.
     quiet = threading.current_thread() is threading.main_thread()
