@@ -238,8 +238,9 @@ def test_stop_string_cuts_the_answer(client: openai.OpenAI, runtime: Runtime) ->
 def test_concurrent_requests_join_one_batch_and_equal_single_answers(
     server: Server, client: openai.OpenAI, runtime: Runtime
 ) -> None:
-    """Held in the queue, then released together: they are decoded side by side (step-interleaved), a fifth
-    request meets a full queue (429 with Retry-After), and each answer equals its single-request answer."""
+    """Held in the queue, then released together: the two with default options decode as one batch, the two
+    seeded ones each alone, all side by side; a fifth request meets a full queue (429 with Retry-After); and
+    each answer equals its single-request answer."""
     examples = [_example(i) for i in range(MAX_QUEUE)]
     options = [{"temperature": 1.0, "seed": i} if i % 2 else {} for i in range(MAX_QUEUE)]
 
@@ -266,9 +267,49 @@ def test_concurrent_requests_join_one_batch_and_equal_single_answers(
     finally:
         server.scheduler.resume()
     assert server.scheduler.metrics.peak_batch_size == MAX_BATCH
+    assert server.scheduler.metrics.peak_forward_rows == 2  # requests 0 and 2 share options: one batched forward
     for i, answer in enumerate(answers):
         expected = runtime.generate(_conversation(examples[i]), max_new_tokens=MAX_TOKENS, **options[i])
         assert answer == expected.text, f"request {i}"
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"dimple": {"threshold": None}}, {"temperature": 1.0, "seed": 3, "dimple": {"alg": "origin", "threshold": None}}],
+    ids=["greedy", "sampled"],
+)
+def test_one_batched_group_of_mixed_prompts_equals_single_answers(
+    server: Server, runtime: Runtime, options: dict
+) -> None:
+    """Four requests with the same options, two with pictures and two text-only of different lengths, decode as one
+    left-padded batch over many steps; each answer (and its forward passes) equals the request alone."""
+    texts = ["Hello.", "What colour is a red square? Answer in a few words, please."]
+    conversations = [_conversation(_example(i)) for i in (3, 4)] + [[{"role": "user", "content": t}] for t in texts]
+    messages = [_request(_example(i)) for i in (3, 4)] + [[{"role": "user", "content": t}] for t in texts]
+    rows_before = server.scheduler.metrics.peak_forward_rows
+    server.scheduler.metrics.peak_forward_rows = 0
+    server.scheduler.pause()
+    try:
+        with ThreadPoolExecutor(len(messages)) as pool:
+            futures = [
+                pool.submit(_post, server, {"model": MODEL, "messages": m, "max_tokens": MAX_TOKENS, **options})
+                for m in messages
+            ]
+            deadline = time.monotonic() + 30
+            while server.scheduler.queue_depth < len(messages):
+                assert time.monotonic() < deadline, "the requests did not reach the queue"
+                time.sleep(0.02)
+            server.scheduler.resume()
+            replies = [f.result(timeout=60).json() for f in futures]
+    finally:
+        server.scheduler.resume()
+    assert server.scheduler.metrics.peak_forward_rows == len(messages)
+    server.scheduler.metrics.peak_forward_rows = max(rows_before, len(messages))
+    flat = {k: v for k, v in options.items() if k != "dimple"} | options["dimple"]
+    for conversation, reply in zip(conversations, replies):
+        expected = runtime.generate(conversation, max_new_tokens=MAX_TOKENS, **flat)
+        assert reply["choices"][0]["message"]["content"] == expected.text
+        assert reply["dimple"]["forward_passes"] == expected.num_forward_passes
 
 
 def test_local_image_path_inside_image_dir(client: openai.OpenAI, runtime: Runtime) -> None:

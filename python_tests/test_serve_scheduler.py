@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -42,36 +43,50 @@ class _Tokenizer:
 
 
 class ScriptedRuntime:
-    """``prepare`` takes a conversation whose one message's content is a script: ``steps`` (int), ``sleep``
-    (seconds per step), ``fail_at`` (raise RuntimeError at that step), ``bad`` (ValueError at the first step).
-    Each step unmasks the next canvas position with its step number; ``log`` records (name, step)."""
+    """``prepare`` takes a conversation (or a batch of them) whose one message's content is a script: ``name``,
+    ``steps`` (canvas length, one position unmasked per step), ``sleep`` (seconds per step), ``fail_at`` (raise
+    RuntimeError at that step), ``bad`` (ValueError at the first step), ``bad_prompt`` (ValueError in prepare),
+    ``seed`` (an option: requests with different seeds decode apart). ``log`` records (group name, step)."""
 
     def __init__(self) -> None:
         self.tokenizer = _Tokenizer()
+        self.config = SimpleNamespace(mask_token_id=MASK)
         self.log: list[tuple[str, int]] = []
         self.closed: list[str] = []
+        self.prepared: list[list[str]] = []
 
-    def prepare(self, messages: list[dict]) -> Any:
-        script = messages[0]["content"]
-        if script.get("bad_prompt"):
+    def prepare(self, conversations: list) -> Any:
+        batch = conversations if isinstance(conversations[0], list) else [conversations]
+        scripts = [conversation[0]["content"] for conversation in batch]
+        if any(script.get("bad_prompt") for script in scripts):
             raise ValueError("the prompt is bad")
-        return type("Inputs", (), {"input_ids": torch.zeros(1, 3, dtype=torch.long), "script": script})()
+        self.prepared.append([script["name"] for script in scripts])
+        input_ids = torch.zeros(len(scripts), 3, dtype=torch.long)
+        return type("Inputs", (), {"input_ids": input_ids, "scripts": scripts})()
 
     def stream(self, inputs: Any, template: object = None, response_length: object = None, **options: Any) -> Any:
-        script = inputs.script
-        canvas = torch.full((1, script["steps"]), MASK)
+        """Every row unmasks one position per step, then fills the rest of its canvas with the end token; the
+        batch runs as long as its longest script."""
+        scripts = inputs.scripts
+        name = "+".join(script["name"] for script in scripts)
+        steps = max(script["steps"] for script in scripts)
+        canvas = torch.full((len(scripts), steps), MASK)
         try:
-            for step in range(script["steps"]):
-                if script.get("bad"):
+            for step in range(steps):
+                if any(script.get("bad") for script in scripts):
                     raise ValueError("max_new_tokens is too large")
-                if step == script.get("fail_at"):
+                if any(step == script.get("fail_at") for script in scripts):
                     raise RuntimeError("boom")
-                time.sleep(script.get("sleep", 0.0))
-                canvas[0, step] = step % END
-                self.log.append((script["name"], step))
-                yield _Step(step, canvas.clone(), 1)
+                time.sleep(max(script.get("sleep", 0.0) for script in scripts))
+                for row, script in enumerate(scripts):
+                    if step < script["steps"]:
+                        canvas[row, step] = step % END
+                    if step == script["steps"] - 1:
+                        canvas[row, step + 1 :] = END  # a shorter answer ends: the rest of its canvas is the end
+                self.log.append((name, step))
+                yield _Step(step, canvas.clone(), len(scripts))
         finally:
-            self.closed.append(script["name"])
+            self.closed.append(name)
 
 
 class Collector:
@@ -91,9 +106,10 @@ class Collector:
         return self.events[-1]
 
 
-def _request(name: str, **script: Any) -> ChatRequest:
+def _request(name: str, seed: int | None = None, **script: Any) -> ChatRequest:
     script = {"name": name, "steps": 3, **script}
-    return ChatRequest(model="m", messages=[{"role": "user", "content": script}])
+    options = {} if seed is None else {"seed": seed}
+    return ChatRequest(model="m", messages=[{"role": "user", "content": script}], options=options)
 
 
 @pytest.fixture
@@ -128,19 +144,62 @@ def test_events_of_a_request(make) -> None:
     assert final.completion.forward_passes == 3 and final.completion.prompt_tokens == 3
 
 
-def test_active_requests_advance_in_turn_and_the_queue_waits(make, runtime: ScriptedRuntime) -> None:
-    scheduler = make(max_batch=2, max_queue=4)
+def test_requests_with_the_same_options_share_a_forward_and_groups_take_turns(make, runtime: ScriptedRuntime) -> None:
+    scheduler = make(max_batch=3, max_queue=4)
     scheduler.pause()
-    outs = [Collector() for _ in range(3)]
-    for name, out in zip("abc", outs):
-        scheduler.submit(_request(name, steps=3), out)
+    outs = {name: Collector() for name in "abcd"}
+    scheduler.submit(_request("a"), outs["a"])
+    scheduler.submit(_request("b"), outs["b"])
+    scheduler.submit(_request("c", seed=1), outs["c"])  # other options: its own group
+    scheduler.submit(_request("d"), outs["d"])  # beyond max_batch: waits for a slot
     scheduler.resume()
-    for out in outs:
-        out.result()
+    for out in outs.values():
+        assert isinstance(out.result(), Finished)
     names = [name for name, _ in runtime.log]
-    assert names[:4] == ["a", "b", "a", "b"]  # joined together, one step each per round
-    assert names.index("c") >= names.index("a") + 5  # c joins only when a slot frees up
-    assert scheduler.metrics.peak_batch_size == 2
+    assert names[:4] == ["a+b", "c", "a+b", "c"]
+    assert names.index("d") >= 6  # joins at a step boundary once a group has left
+    assert ["a", "b"] in runtime.prepared
+    assert scheduler.metrics.peak_batch_size == 3 and scheduler.metrics.peak_forward_rows == 2
+    assert [outs[n].result().completion.text for n in "abcd"] == ["abc"] * 4
+
+
+def test_a_finished_row_leaves_its_group_early(make) -> None:
+    scheduler = make(max_batch=2)
+    scheduler.pause()
+    short, long = Collector(), Collector()
+    scheduler.submit(_request("short", steps=2), short)
+    scheduler.submit(_request("long", steps=6), long)
+    scheduler.resume()
+    assert short.result().completion.forward_passes == 2  # as alone: it has no mask left after 2 steps
+    assert not long.done.is_set() or long.result().completion.forward_passes == 6
+    assert long.result().completion.forward_passes == 6
+
+
+def test_a_group_failing_at_its_first_step_retries_each_member_alone(make, runtime: ScriptedRuntime) -> None:
+    scheduler = make(max_batch=2)
+    scheduler.pause()
+    bad, good = Collector(), Collector()
+    scheduler.submit(_request("bad", bad=True), bad)
+    scheduler.submit(_request("good"), good)
+    scheduler.resume()
+    assert bad.result().error.status == 400
+    assert isinstance(good.result(), Finished)
+    assert "bad+good" in runtime.closed
+
+
+def test_cancelling_one_member_leaves_the_others_decoding(make, runtime: ScriptedRuntime) -> None:
+    scheduler = make(max_batch=2)
+    scheduler.pause()
+    first, second = Collector(), Collector()
+    job = scheduler.submit(_request("x", steps=200, sleep=0.001), first)
+    scheduler.submit(_request("y", steps=200, sleep=0.001), second)
+    scheduler.resume()
+    while not first.events:
+        time.sleep(0.01)
+    scheduler.cancel(job)
+    assert isinstance(second.result(), Finished)
+    assert not first.done.is_set()
+    assert scheduler.metrics.finished["cancelled"] == 1
 
 
 def test_full_queue_answers_429_and_cancel_frees_a_slot(make) -> None:

@@ -186,7 +186,7 @@ def create_app(
                 if isinstance(event, Progress):
                     if chat.stream_canvas:
                         canvas = runtime.render_canvas(torch.tensor(event.canvas))
-                        step = {"step": event.step, "canvas": canvas, "committed": event.committed}
+                        step = {"step": event.step, "canvas": canvas, "masks_left": event.masks_left}
                         yield _data(chunk_body(cid, model_name, None, dimple=step))
                     delta = prefix.update(event.canvas)
                     if delta:

@@ -24,6 +24,8 @@ class Metrics:
         self.peak_batch_size = 0
         self.max_batch = 0
         self.forward_passes = 0
+        self.row_steps = 0
+        self.peak_forward_rows = 0
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.committed_tokens = 0
@@ -40,11 +42,13 @@ class Metrics:
             self.queue_depth, self.batch_size = queue_depth, batch_size
             self.peak_batch_size = max(self.peak_batch_size, batch_size)
 
-    def step(self, committed: int, seconds: float) -> None:
-        """One forward pass of one request, which committed ``committed`` canvas tokens in ``seconds``."""
+    def step(self, committed: int, seconds: float, rows: int = 1) -> None:
+        """One forward pass over ``rows`` requests, which committed ``committed`` canvas tokens in ``seconds``."""
         now = time.monotonic()
         with self._lock:
             self.forward_passes += 1
+            self.row_steps += rows
+            self.peak_forward_rows = max(self.peak_forward_rows, rows)
             self.committed_tokens += committed
             self.decode_seconds += seconds
             self._recent.append((now, committed))
@@ -85,7 +89,14 @@ class Metrics:
                 ("batch_size", "gauge", "Requests being decoded now.", self.batch_size),
                 ("peak_batch_size", "gauge", "The most requests decoded at once so far.", self.peak_batch_size),
                 ("max_batch", "gauge", "The most requests decoded at once (--max-batch).", self.max_batch),
-                ("forward_passes_total", "counter", "Denoising steps run (one forward each).", self.forward_passes),
+                (
+                    "forward_passes_total",
+                    "counter",
+                    "Batched forwards run (one denoising step each).",
+                    self.forward_passes,
+                ),
+                ("row_steps_total", "counter", "Request steps run (a forward over n rows counts n).", self.row_steps),
+                ("peak_forward_rows", "gauge", "The most requests one forward has decoded.", self.peak_forward_rows),
                 ("prompt_tokens_total", "counter", "Prompt tokens of finished requests.", self.prompt_tokens),
                 ("completion_tokens_total", "counter", "Answer tokens of finished requests.", self.completion_tokens),
                 ("committed_tokens_total", "counter", "Canvas tokens unmasked.", self.committed_tokens),

@@ -1,14 +1,20 @@
 # SPDX-License-Identifier: Apache-2.0
 """The scheduler: owns the Runtime and runs every denoising step in one worker thread, off the event loop.
 
-Requests wait in a bounded FIFO queue (full → 429 with Retry-After). Up to ``max_batch`` of them are active at
-once; at every step boundary the worker admits queued requests, drops cancelled or timed-out ones, then advances
-each active request by one step (round robin), so a request joins and leaves the running set between steps.
+Requests wait in a bounded FIFO queue (full → 429 with Retry-After). Up to ``max_batch`` of them are decoded at
+once. At every step boundary the worker drops cancelled or timed-out requests and admits queued ones: each is
+prepared alone (its errors are its own), and the newcomers that share decoding options (GenerationConfig fields,
+max_tokens, template, response_length) start together as one *group*, one batched ``Runtime.stream`` over their
+conversations (left padded). Then every group advances one step, in turn. A request leaves as soon as its answer
+is final ('dim' pipeline: no mask left), even while the rest of its group decodes on.
 
-What is not there yet: the active requests' forwards are not fused into one batched forward. Each request runs
-its own ``Runtime.stream`` generator (its own canvas, KV cache and RNG streams), so its answer is exactly its
-single-request answer, but the steps of different requests run one after another. Fusing needs one forward over
-rows at different steps with different prompt lengths and per-row prefill caches (model/ and generation/ work).
+Per-sequence decisions (the Runtime's default) make each row decode as it would alone, with its own RNG stream,
+so an answer equals ``Runtime.generate`` of that one request. If a group fails at its first step (say, one
+prompt holds a <|mask|> token), each member starts again alone, so the error reaches only its own request.
+
+What is not there yet: a request cannot join a group that is already decoding. Groups run their forwards one
+after another; one forward over rows at different steps, with their own prompt lengths and prefill caches,
+needs a step loop that takes rows in and out (generation/ and model/ work).
 
 Each request talks to its caller through ``emit(event)``, called from the worker thread: :class:`Started` after
 its first step (so every validation error arrives before it), :class:`Progress` after every step, then exactly
@@ -76,11 +82,11 @@ class Started:
 
 @dataclass
 class Progress:
-    """The canvas (max_tokens ids, masks included) after step ``step``; committed: tokens unmasked by it."""
+    """The canvas (max_tokens ids, masks included) after step ``step``; masks_left: masks still in it."""
 
     step: int
     canvas: list[int]
-    committed: int
+    masks_left: int
 
 
 @dataclass
@@ -105,7 +111,7 @@ class Job:
         self.arrived = time.monotonic()
         self.deadline = self.arrived + timeout
         self.cancelled = threading.Event()
-        self.stream: Iterator[Any] | None = None
+        self.inputs: Any = None  # the request's own prepared ModelInputs
         self.prompt_tokens = 0
         self.steps = 0
         self.canvas: list[int] = []
@@ -114,6 +120,26 @@ class Job:
 
     def cancel(self) -> None:
         self.cancelled.set()
+
+    def key(self) -> str:
+        """Requests with equal keys decode with the same options and may share a batched forward."""
+        request = self.request
+        return repr((sorted(request.options.items()), request.max_tokens, request.template, request.response_length))
+
+
+class Group:
+    """Requests decoded together by one batched ``Runtime.stream`` (row i is ``members[i]``). Rows leave when
+    their answer is final (``live`` shrinks); a cancelled row stays in the batch but is no longer reported."""
+
+    def __init__(self, members: list[Job], stream: Iterator[Any], early_exit: bool) -> None:
+        self.members = members
+        self.live = list(members)
+        self.stream = stream
+        self.early_exit = early_exit  # the 'dim' pipeline: a row without masks is final
+        self.steps = 0
+
+    def close(self) -> None:
+        self.stream.close()  # type: ignore[attr-defined]
 
 
 class Scheduler:
@@ -206,7 +232,8 @@ class Scheduler:
 
     @property
     def batch_size(self) -> int:
-        return len(self._active)
+        """Requests being decoded now."""
+        return self._rows()
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Fail queued requests with 503 and stop; active requests are cancelled at their next step boundary."""
@@ -221,10 +248,13 @@ class Scheduler:
     # Worker side ------------------------------------------------------------------------------------------------
 
     def _gauges(self) -> None:
-        self.metrics.gauges(len(self._pending), len(self._active))
+        self.metrics.gauges(len(self._pending), self._rows())
+
+    def _rows(self) -> int:
+        return sum(len(group.live) for group in self._active)
 
     def _run(self) -> None:
-        # One inference mode around everything: each request's stream enters and leaves its own, interleaved with
+        # One inference mode around everything: each group's stream enters and leaves its own, interleaved with
         # the others', and each restores the state it found, which must be "on" for the canvases to stay writable.
         with torch.inference_mode():
             while True:
@@ -234,98 +264,138 @@ class Scheduler:
                     if self._stopping:
                         break
                     admitted = []
-                    while self._pending and not self._paused and len(self._active) + len(admitted) < self.max_batch:
+                    while self._pending and not self._paused and self._rows() + len(admitted) < self.max_batch:
                         admitted.append(self._pending.popleft())
-                for job in admitted:
-                    self._guarded(self._admit, job)
-                for job in list(self._active):
-                    self._guarded(self._advance, job)
+                self._admit(admitted)
+                with self._cond:
+                    self._gauges()  # the rows of this round, before any of them finishes
+                for group in list(self._active):
+                    self._guarded(self._advance, group)
                 with self._cond:
                     self._gauges()
-            for job in self._active:
-                self._close(job)
-                self._fail(job, APIError(503, "the server shut down before the answer was done", type="server_error"))
+            for group in self._active:
+                group.close()
+                for job in group.live:
+                    self._fail(
+                        job, APIError(503, "the server shut down before the answer was done", type="server_error")
+                    )
             self._active.clear()
             self._gauges()
 
-    def _guarded(self, work: Callable[[Job], None], job: Job) -> None:
-        """Run one piece of a job's work; whatever goes wrong fails that job (500), never the worker."""
+    def _guarded(self, work: Callable[[Group], None], group: Group) -> None:
+        """Advance one group; whatever goes wrong fails its requests (500), never the worker."""
         try:
-            work(job)
+            work(group)
         except Exception as err:
-            log.exception("request failed in the scheduler")
-            if job in self._active:
-                self._remove(job)
-            self._fail(job, APIError(500, f"internal error: {type(err).__name__}", type="server_error"))
+            log.exception("a group failed in the scheduler")
+            self._drop(group)
+            for job in group.live:
+                self._fail(job, APIError(500, f"internal error: {type(err).__name__}", type="server_error"))
 
-    def _admit(self, job: Job) -> None:
-        if job.cancelled.is_set():
-            self.metrics.finish("cancelled")
-            return
-        if time.monotonic() > job.deadline:
-            self._fail(job, self._timeout_error())
-            return
-        request, runtime = job.request, self.runtime
+    def _admit(self, jobs: list[Job]) -> None:
+        """Prepare each new request alone (its errors are its own), then start one group per set of requests
+        that decode with the same options: a group is one batched ``Runtime.stream``."""
+        ready: dict[tuple, list[Job]] = {}
+        for job in jobs:
+            if job.cancelled.is_set():
+                self.metrics.finish("cancelled")
+            elif time.monotonic() > job.deadline:
+                self._fail(job, self._timeout_error())
+            elif self._prepare(job):
+                ready.setdefault(job.key(), []).append(job)
+        for members in ready.values():
+            self._start(members)
+
+    def _prepare(self, job: Job) -> bool:
         job.started = time.monotonic()
         try:
-            inputs = runtime.prepare(request.messages)
+            inputs = self.runtime.prepare(job.request.messages)
         except (ValueError, TypeError, NotImplementedError) as err:
             self._fail(job, APIError(400, str(err), param="messages"))
-            return
+            return False
         except Exception as err:  # prepare only reads the request (template, tokenizer, images): the input's fault
             log.exception("prepare failed")
             self._fail(job, APIError(400, f"the messages could not be prepared: {err}", param="messages"))
-            return
+            return False
         job.prompt_tokens = int(inputs.input_ids.shape[1])
+        job.inputs = inputs
+        return True
+
+    def _start(self, members: list[Job]) -> None:
+        request = members[0].request
         options = dict(request.options)
         if request.max_tokens is not None:
             options["max_new_tokens"] = request.max_tokens
-        job.stream = runtime.stream(
-            inputs, template=request.template, response_length=request.response_length, **options
-        )
-        self._active.append(job)
-
-    def _advance(self, job: Job) -> None:
-        if job.cancelled.is_set():
-            self._remove(job)
-            self.metrics.finish("cancelled")
+        try:
+            if len(members) == 1:
+                inputs = members[0].inputs
+            else:
+                inputs = self.runtime.prepare([job.request.messages for job in members])
+            stream = self.runtime.stream(
+                inputs, template=request.template, response_length=request.response_length, **options
+            )
+        except Exception as err:  # each member prepared alone above; a batch that fails is our fault
+            log.exception("a group could not start")
+            for job in members:
+                self._fail(job, APIError(500, f"internal error: {type(err).__name__}", type="server_error"))
             return
-        if time.monotonic() > job.deadline:
-            self._remove(job)
-            self._fail(job, self._timeout_error())
+        self._active.append(Group(members, stream, options.get("pipeline", "dim") == "dim"))
+
+    def _advance(self, group: Group) -> None:
+        for job in list(group.live):
+            if job.cancelled.is_set():
+                group.live.remove(job)
+                self.metrics.finish("cancelled")
+            elif time.monotonic() > job.deadline:
+                group.live.remove(job)
+                self._fail(job, self._timeout_error())
+        if not group.live:
+            self._drop(group)
             return
         begin = time.perf_counter()
         try:
-            step = next(job.stream)  # type: ignore[arg-type]
+            step = next(group.stream)
         except StopIteration:
-            self._remove(job)
-            self._complete(job)
+            self._drop(group)
+            for job in list(group.live):
+                self._complete(job)
             return
         except NonFiniteLogitsError as err:
-            self._remove(job)
-            self._fail(job, APIError(500, f"the model failed: {err}", type="server_error", code="non_finite_logits"))
+            self._drop(group)
+            for job in group.live:
+                self._fail(
+                    job, APIError(500, f"the model failed: {err}", type="server_error", code="non_finite_logits")
+                )
             return
         except (ValueError, TypeError) as err:  # the options meet the prompt at the first step: the client's call
-            self._remove(job)
-            if job.steps == 0:
-                self._fail(job, APIError(400, _as_request_message(str(err)), param=_param_of(str(err))))
+            self._drop(group)
+            if group.steps == 0 and len(group.members) > 1:
+                for job in group.live:  # whose error is it? Each member starts again on its own.
+                    self._start([job])
+            elif group.steps == 0:
+                for job in group.live:
+                    self._fail(job, APIError(400, _as_request_message(str(err)), param=_param_of(str(err))))
             else:
-                log.exception("request failed at step %d", job.steps)
-                self._fail(job, APIError(500, f"decoding failed: {err}", type="server_error"))
-            return
-        except Exception as err:
-            log.exception("request failed at step %d", job.steps)
-            self._remove(job)
-            self._fail(job, APIError(500, f"decoding failed: {type(err).__name__}", type="server_error"))
+                log.exception("a group failed at step %d", group.steps)
+                for job in group.live:
+                    self._fail(job, APIError(500, f"decoding failed: {err}", type="server_error"))
             return
         seconds = time.perf_counter() - begin
-        job.decode_seconds += seconds
-        self.metrics.step(step.committed, seconds)
-        job.steps += 1
-        job.canvas = step.canvas[0].tolist()
-        if job.steps == 1:
-            self._emit(job, Started(job.prompt_tokens))
-        self._emit(job, Progress(step.step, job.canvas, step.committed))
+        group.steps += 1
+        self.metrics.step(step.committed, seconds, rows=len(group.members))
+        mask_id = self.runtime.config.mask_token_id
+        for job in list(group.live):
+            job.canvas = step.canvas[group.members.index(job)].tolist()
+            job.steps += 1
+            if job.steps == 1:
+                self._emit(job, Started(job.prompt_tokens))
+            masks_left = job.canvas.count(mask_id)
+            self._emit(job, Progress(step.step, job.canvas, masks_left))
+            if group.early_exit and masks_left == 0:
+                group.live.remove(job)  # its answer is final: a single run would stop here too
+                self._complete(job)
+        if not group.live:
+            self._drop(group)
 
     def _complete(self, job: Job) -> None:
         tokenizer = self.runtime.tokenizer
@@ -359,14 +429,10 @@ class Scheduler:
             code="timeout",
         )
 
-    def _remove(self, job: Job) -> None:
-        self._active.remove(job)
-        self._close(job)
-
-    @staticmethod
-    def _close(job: Job) -> None:
-        if job.stream is not None:
-            job.stream.close()  # type: ignore[attr-defined]
+    def _drop(self, group: Group) -> None:
+        if group in self._active:
+            self._active.remove(group)
+        group.close()
 
     def _fail(self, job: Job, error: APIError) -> None:
         self.metrics.finish("timeout" if error.status == 504 else "error")
