@@ -168,7 +168,7 @@ class Scheduler:
         self.metrics.max_batch = max_batch
         self._cond = threading.Condition()
         self._pending: collections.deque[Job] = collections.deque()
-        self._active: list[Job] = []
+        self._active: list[Group] = []  # worker-owned; other threads only count its rows
         self._paused = False
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -185,7 +185,7 @@ class Scheduler:
         with self._cond:
             if self._stopping:
                 raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
-            free_slots = 0 if self._paused else max(0, self.max_batch - len(self._active))
+            free_slots = 0 if self._paused else max(0, self.max_batch - self._rows())
             if len(self._pending) >= self.max_queue + free_slots:
                 raise APIError(
                     429,
@@ -266,7 +266,14 @@ class Scheduler:
                     admitted = []
                     while self._pending and not self._paused and self._rows() + len(admitted) < self.max_batch:
                         admitted.append(self._pending.popleft())
-                self._admit(admitted)
+                try:
+                    self._admit(admitted)
+                except Exception as err:  # never the worker: fail the newcomers that did not make it into a group
+                    log.exception("admission failed")
+                    started = {id(job) for group in self._active for job in group.members}
+                    for job in admitted:
+                        if id(job) not in started:
+                            self._fail(job, APIError(500, f"internal error: {type(err).__name__}", type="server_error"))
                 with self._cond:
                     self._gauges()  # the rows of this round, before any of them finishes
                 for group in list(self._active):
@@ -295,7 +302,7 @@ class Scheduler:
     def _admit(self, jobs: list[Job]) -> None:
         """Prepare each new request alone (its errors are its own), then start one group per set of requests
         that decode with the same options: a group is one batched ``Runtime.stream``."""
-        ready: dict[tuple, list[Job]] = {}
+        ready: dict[str, list[Job]] = {}
         for job in jobs:
             if job.cancelled.is_set():
                 self.metrics.finish("cancelled")
