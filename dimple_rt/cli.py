@@ -141,6 +141,44 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import os
+
+    from dimple_rt.serve import serve
+
+    return serve(
+        args.model,
+        host=args.host,
+        port=args.port,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        api_key=args.api_key or os.environ.get("DIMPLE_RT_API_KEY") or None,
+        image_dir=args.image_dir,
+        timeout=args.timeout,
+        max_images=args.max_images,
+        backend=args.backend,
+        shutdown_grace=args.shutdown_grace,
+    )
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    serve = sub.add_parser("serve", help="serve a checkpoint over HTTP with OpenAI's chat-completions API")
+    serve.add_argument("model", help="alias, folder in Hugging Face layout, or repo id in the local HF cache")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-batch", type=int, default=8, help="requests decoded at once")
+    serve.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond those; then 429")
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $DIMPLE_RT_API_KEY, or none)")
+    serve.add_argument("--image-dir", help="folder that local image paths may name (default: data: URLs only)")
+    serve.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take, queueing included")
+    serve.add_argument("--max-images", type=int, default=4, help="images per request")
+    serve.add_argument("--backend", default="kernels", choices=["kernels", "reference"])
+    serve.add_argument(
+        "--shutdown-grace", type=float, default=30.0, help="after SIGTERM, seconds in-flight requests may finish"
+    )
+    serve.set_defaults(func=_serve)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dimple-rt", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -165,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("config", help="JSON/YAML config (python -m dimple_rt.training.synthetic DIR writes an example)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     train.set_defaults(func=_train)
+    _add_serve(sub)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
