@@ -51,6 +51,10 @@ DIMPLE_OPTIONS = (
     "use_original_confidence",
     "pipeline",
     "prefill",
+    "cache",
+    "block_length",
+    "refresh_every",
+    "early_stop",
     "validate_categorical",
     "stream_canvas",
 )
