@@ -17,6 +17,7 @@ from .config import MAX_NEW_TOKENS, DimpleConfig, GenerationConfig, check_int
 from .generation.loop import DecodeRequest, LogitsHook, TokensHook, denoise
 from .generation.priors import build_canvas, parse_template
 from .model.dimple import DimpleModel
+from .model.quant import check_quantize, quantize_model
 from .processor import ImageProcessor, expand_image_placeholders
 from .tokenizer import DimpleTokenizer
 from .weights import load_state_dict_into, resolve_model
@@ -88,6 +89,8 @@ class Runtime:
     ``model`` is an alias (``"dimple-7b"``), a folder in Hugging Face layout, or a repo id found in the
     local Hugging Face cache. ``dtype`` defaults to fp32 on CPU; ``backend`` is ``"kernels"`` (the C++/CUDA
     ops) or ``"reference"`` (plain torch); ``self.backend`` holds the chosen :class:`~dimple_rt.backend.Backend`.
+    ``quantize="int8"`` (CPU, fp32/bf16) quantizes the decoder's linears and the LM head after loading: int8
+    weights per output channel, int8 activations per token (:mod:`dimple_rt.model.quant`); inference only.
     """
 
     def __init__(
@@ -97,6 +100,7 @@ class Runtime:
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         backend: str = "kernels",
+        quantize: str | None = None,
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -104,6 +108,8 @@ class Runtime:
         self.dtype = dtype if dtype is not None else torch.float32
         if self.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"dtype must be one of {SUPPORTED_DTYPES}, got {self.dtype}")
+        check_quantize(quantize, self.dtype, self.device)
+        self.quantize = quantize
         self.backend: Backend = backend_for(backend)
         self.path: Path = resolve_model(model)
         self.config = DimpleConfig.from_json_file(self.path / "config.json")
@@ -111,6 +117,7 @@ class Runtime:
             self.model = DimpleModel(self.config)
         load_state_dict_into(self.model, self.path, dtype=self.dtype, device=self.device)
         self.model.eval().requires_grad_(False)
+        quantize_model(self.model, quantize)
         self.tokenizer = DimpleTokenizer.from_pretrained(self.path)
         self.processor: ImageProcessor | None = None
         if self.config.vision_config is not None:
