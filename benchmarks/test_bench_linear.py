@@ -14,7 +14,7 @@ Each candidate is checked against fp64 before it is timed (int8 within 2x the ro
 model/quant.py predicts). GFLOP/s is in extra_info.
 
     DIMPLE_RT_BENCH_THREADS=1 pytest benchmarks/test_bench_linear.py --benchmark-group-by=group
-    python benchmarks/test_bench_linear.py [rounds]   # the same candidates interleaved, one thread: ratios
+    PYTHONPATH=. python benchmarks/test_bench_linear.py [rounds]   # the same candidates interleaved, one thread: ratios
 
 pytest-benchmark times one candidate after the other, so on a shared machine its ratios drift with the load;
 the script's interleaved rounds are what benchmarks/RESULTS.md quotes.
