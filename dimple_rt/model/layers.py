@@ -62,12 +62,14 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
     def quantize_int8(self) -> None:
-        """Replace the float weight by its int8 form and free it; the bias stays a float parameter."""
+        """Replace the float weight by its int8 form and free it; the bias stays a float parameter (frozen)."""
         if isinstance(self.weight, Int8Weight):
             return
         int8 = Int8Weight(self.weight)
         del self.weight  # drops the parameter: the float weight is not kept next to the int8 one
         self.weight = int8
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
         self.train(False)
 
     def train(self, mode: bool = True) -> Linear:
