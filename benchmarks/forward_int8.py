@@ -5,8 +5,9 @@
 
 The checkpoint is test_bench_generate.py's (24 layers, hidden 896, FFN 4864, vocab 151936, untied LM head,
 random weights, fp32 safetensors in a temporary folder). Part 1, one fresh process per precision: resident
-memory (RSS) after loading, and for int8 before and after ``quantize_model`` (load fp32, then quantize), with
-the model's parameter bytes. Part 2, one process, one thread: a full forward of ``tokens`` text tokens (65: the
+memory (RSS, anonymous and file-backed) after loading and one small forward, and for int8 before and after
+``quantize_model`` (load fp32, then quantize) and after loading with ``quantize="int8"`` in one go, with the
+model's parameter bytes (:func:`dimple_rt.model.quant.weight_bytes`). Part 2, one process, one thread: a full forward of ``tokens`` text tokens (65: the
 prefilled canvas) through the decoder and the LM head, the three precisions interleaved, best of ``rounds``.
 
 Floor per forward = max(2·P·T / GEMM rate, weight bytes / bandwidth), P the decoder-layer and LM-head
@@ -44,33 +45,51 @@ MODES = {
 WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "int8": 1, "int8_bf16": 1}
 
 
-def rss_mib() -> float:
+def rss_mib() -> dict[str, float]:
+    """Resident MiB: anonymous (memory the process owns) and file-backed (mmap'd checkpoint pages: page cache
+    the kernel may drop, but counted in RSS while mapped)."""
     with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
+        fields = dict(line.split(":", 1) for line in status)
+    return {key: int(fields[key].split()[0]) / 1024 for key in ("RssAnon", "RssFile")}
+
+
+def _touch(rt: dimple_rt.Runtime) -> None:
+    """One small forward, so that every weight a forward reads is resident (mmap loads lazily)."""
+    ids = torch.randint(0, 1000, (1, 8))
+    rt.forward(ids, torch.ones_like(ids))
 
 
 def memory(checkpoint: Path, mode: str) -> dict:
     """Runs in a fresh process: RSS and parameter bytes after loading ``mode`` (int8: before and after)."""
     dtype, quantize = MODES[mode]
     base = rss_mib()
+
+    def grown() -> str:
+        now = rss_mib()
+        return f"anon {now['RssAnon'] - base['RssAnon']:.0f} + file {now['RssFile'] - base['RssFile']:.0f} MiB"
+
     start = time.perf_counter()
     rt = dimple_rt.Runtime(checkpoint, dtype=dtype)
-    result = {"load_s": time.perf_counter() - start, "rss_mib": rss_mib() - base}
-    result["param_mib"] = quant.weight_bytes(rt.model) / 2**20
+    result = {"load_s": round(time.perf_counter() - start, 2)}
+    _touch(rt)
+    result.update(rss=grown(), param_mib=round(quant.weight_bytes(rt.model) / 2**20))
     if quantize:
         start = time.perf_counter()
         quant.quantize_model(rt.model, quantize)
         gc.collect()
+        _touch(rt)
         result.update(
-            quantize_s=time.perf_counter() - start,
-            rss_quantized_mib=rss_mib() - base,
-            param_quantized_mib=quant.weight_bytes(rt.model) / 2**20,
+            quantize_s=round(time.perf_counter() - start, 2),
+            rss_after_quantize=grown(),
+            param_quantized_mib=round(quant.weight_bytes(rt.model) / 2**20),
         )
         del rt
         gc.collect()
         start = time.perf_counter()
         rt = dimple_rt.Runtime(checkpoint, dtype=dtype, quantize=quantize)
-        result.update(load_quantized_s=time.perf_counter() - start, rss_fresh_quantized_mib=rss_mib() - base)
+        result["load_quantized_s"] = round(time.perf_counter() - start, 2)
+        _touch(rt)
+        result["rss_fresh_quantized"] = grown()
     return result
 
 
@@ -154,6 +173,6 @@ def main(rounds: int, tokens: int) -> None:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--memory"]:
         torch.set_num_threads(1)
-        print(json.dumps({k: round(v, 2) for k, v in memory(Path(sys.argv[2]), sys.argv[3]).items()}))
+        print(json.dumps(memory(Path(sys.argv[2]), sys.argv[3])))
     else:
         main(int(sys.argv[1]) if len(sys.argv) > 1 else 5, int(sys.argv[2]) if len(sys.argv) > 2 else 65)

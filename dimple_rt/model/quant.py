@@ -10,13 +10,15 @@ per image, a few percent of a request's time, and every answer token reads their
 
 The GEMM is torch's quantized dynamic linear (``torch.ops.quantized.linear_dynamic``) on the ``x86`` engine
 (fbgemm: u8×s8 dot products with int32 accumulation, VNNI where the CPU has it). Measured on this project's
-AVX-512-VNNI/BF16 EPYC, one thread, interleaved (benchmarks/RESULTS.md): 3-7x fp32 and 1.5-2x torch's bf16
-GEMM on the decode shapes, ahead of ``torch._int_mm`` (int8×int8→int32 through oneDNN, 1.2-1.5x slower here,
-and 2x slower with 16 tokens) and far ahead of ``torch._weight_int8pack_mm`` (weight-only int8: its fp32
-kernel runs at ~2 GFLOP/s, its bf16 one at fp32's speed except for a single token). The ``onednn`` engine runs
-the same op at about the same speed on the decoder's shapes and ~1.3x faster on the LM head, but its packed
-weight keeps a second int8 copy (2 bytes per parameter, as much as bf16); fbgemm's keeps one.
-
+AVX-512-VNNI/BF16 EPYC, one thread, candidates interleaved (benchmarks/test_bench_linear.py, RESULTS.md):
+3.7-5.1x fp32 and 1.3-2.0x torch's native bf16 GEMM on the 65-token shapes (8x/3x with 16 tokens). Against it:
+- ``torch._int_mm`` (int8×int8→int32, the same per-token scales): 0.75-1.05x this path's speed on 65 tokens,
+  0.6x on 16; faster only for a single token (2.3x), which Dimple's 65-token canvas never is;
+- ``torch._weight_int8pack_mm`` (weight-only int8, no activation rounding, ~0.85 % error against 1.1-1.2 %):
+  its bf16 kernel runs at fp32's speed (0.2-0.25x this path; 0.65x for one token), its fp32 one at ~2 GFLOP/s;
+- the ``onednn`` engine, same op: 1.0-1.25x on the decoder shapes and 1.7x on the 151936-row LM head, but its
+  packed weight keeps a second int8 copy (2 bytes per parameter, bf16's footprint; fbgemm's keeps one byte).
+  The weights are not kept twice, so fbgemm it is.
 Caveat: torch 2.13 warns that quantized tensor creation (used once here, to hand the int8 weight to the
 prepack) is deprecated (pytorch/pytorch#184982). Should it go, ``torch._int_mm`` with the same per-token
 scales is the measured next-fastest path.
@@ -25,7 +27,8 @@ Per-token activations on a per-tensor kernel: ``linear_dynamic`` quantizes its w
 (asymmetric, 8-bit) scale. Each token is first divided by its own absmax, so every row spans [-1, 1], and the
 output row is multiplied back by it (a linear map commutes with a per-row scale; the bias is added after).
 Each token then gets a step of ``2·absmax/255``: the resolution of per-token symmetric int8, and one token with
-huge activations (an attention sink) cannot flatten the others.
+huge activations (an attention sink) cannot flatten the others. Cost: a pass over x and one over the output
+(~0.1 ms of a 2-4 ms decoder GEMM).
 
 Error (reasoned, checked in python_tests/test_quantize.py): rounding to a grid of step Δ adds uniform noise of
 variance Δ²/12. With Δ_w = absmax(row)/127 and Δ_x ≈ absmax(token)/127.5, a dot product of Gaussian-like
