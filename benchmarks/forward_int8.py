@@ -5,9 +5,9 @@
 
 The checkpoint is test_bench_generate.py's (24 layers, hidden 896, FFN 4864, vocab 151936, untied LM head,
 random weights, fp32 safetensors in a temporary folder). Part 1, one fresh process per precision: resident
-memory (RSS, anonymous and file-backed) after loading and one small forward, and for int8 before and after
-``quantize_model`` (load fp32, then quantize) and after loading with ``quantize="int8"`` in one go, with the
-model's parameter bytes (:func:`dimple_rt.model.quant.weight_bytes`). Part 2, one process, one thread: a full forward of ``tokens`` text tokens (65: the
+memory (RSS, anonymous and file-backed) after loading and one small forward, with the model's parameter bytes
+(:func:`dimple_rt.model.quant.weight_bytes`); for int8 also before and after quantizing an already loaded
+model (``*_in_place``). Part 2, one process, one thread: a full forward of ``tokens`` text tokens (65: the
 prefilled canvas) through the decoder and the LM head, the three precisions interleaved, best of ``rounds``.
 
 Floor per forward = max(2·P·T / GEMM rate, weight bytes / bandwidth), P the decoder-layer and LM-head
@@ -60,8 +60,10 @@ def _touch(rt: dimple_rt.Runtime) -> None:
 
 
 def memory(checkpoint: Path, mode: str) -> dict:
-    """Runs in a fresh process: RSS and parameter bytes after loading ``mode`` (int8: before and after)."""
-    dtype, quantize = MODES[mode]
+    """Runs in a fresh process: RSS and parameter bytes after loading ``mode`` and one small forward. For
+    ``<mode>_in_place``: load without quantization, measure, quantize the loaded model, measure again."""
+    in_place = mode.endswith("_in_place")
+    dtype, quantize = MODES[mode.removesuffix("_in_place")]
     base = rss_mib()
 
     def grown() -> str:
@@ -69,27 +71,17 @@ def memory(checkpoint: Path, mode: str) -> dict:
         return f"anon {now['RssAnon'] - base['RssAnon']:.0f} + file {now['RssFile'] - base['RssFile']:.0f} MiB"
 
     start = time.perf_counter()
-    rt = dimple_rt.Runtime(checkpoint, dtype=dtype)
+    rt = dimple_rt.Runtime(checkpoint, dtype=dtype, quantize=None if in_place else quantize)
     result = {"load_s": round(time.perf_counter() - start, 2)}
     _touch(rt)
     result.update(rss=grown(), param_mib=round(quant.weight_bytes(rt.model) / 2**20))
-    if quantize:
+    if in_place:
         start = time.perf_counter()
         quant.quantize_model(rt.model, quantize)
         gc.collect()
+        result["quantize_s"] = round(time.perf_counter() - start, 2)
         _touch(rt)
-        result.update(
-            quantize_s=round(time.perf_counter() - start, 2),
-            rss_after_quantize=grown(),
-            param_quantized_mib=round(quant.weight_bytes(rt.model) / 2**20),
-        )
-        del rt
-        gc.collect()
-        start = time.perf_counter()
-        rt = dimple_rt.Runtime(checkpoint, dtype=dtype, quantize=quantize)
-        result["load_quantized_s"] = round(time.perf_counter() - start, 2)
-        _touch(rt)
-        result["rss_fresh_quantized"] = grown()
+        result.update(rss_quantized=grown(), param_quantized_mib=round(quant.weight_bytes(rt.model) / 2**20))
     return result
 
 
@@ -127,7 +119,7 @@ def main(rounds: int, tokens: int) -> None:
             f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, "
             f"VNNI {torch.cpu._is_vnni_supported()}, bf16 GEMM {layers.cpu_has_bf16_gemm()}, 1 thread"
         )
-        for mode in MODES:
+        for mode in (*MODES, "int8_in_place", "int8_bf16_in_place"):
             out = subprocess.run(
                 [sys.executable, __file__, "--memory", str(checkpoint), mode],
                 capture_output=True,
