@@ -39,6 +39,9 @@ against 0.3 % for bf16.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
+import sys
 import warnings
 from collections.abc import Iterator
 
@@ -148,6 +151,22 @@ def quantize_model(model: nn.Module, quantize: str | None) -> None:
         for module in root.modules():
             if isinstance(module, Linear):
                 module.quantize_int8()
+    release_freed_heap()
+
+
+def release_freed_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc ``malloc_trim``; nothing elsewhere).
+
+    glibc serves blocks under its mmap threshold from the heap, and the threshold rises to 32 MB once a larger
+    block is freed; the freed float weights (a 0.5B decoder's are 3-17 MB each) then stay in RSS. Measured on
+    the 0.5B shape: 1.6-1.8 GiB anonymous RSS after quantizing, 0.6-0.9 GiB after the trim.
+    """
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # musl or another libc: no malloc_trim
+            pass
 
 
 def weight_bytes(model: nn.Module) -> int:
