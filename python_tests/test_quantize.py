@@ -64,6 +64,27 @@ def test_int8_linear_within_the_rounding_error_of_fp32(lead: tuple, n_in: int, n
     assert bool(((module.weight.dequantize() - w).abs() <= step / 2 + 1e-7).all())
 
 
+def test_seven_bit_activations_without_vnni(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CPUs without VNNI (AVX2) quantize activations to 7 bits (fbgemm's reduce_range): half the resolution, so
+    the activation term of the predicted error doubles; the path is run here whatever this CPU has."""
+    g = torch.Generator().manual_seed(3)
+    w, x = torch.randn(129, 300, generator=g) / math.sqrt(300), torch.randn(65, 300, generator=g)
+    module = layers.Linear(300, 129, bias=False)
+    with torch.no_grad():
+        module.weight.copy_(w)
+    module.quantize_int8()
+    exact = x.double() @ w.double().T
+    monkeypatch.setattr(quant, "reduce_range", lambda: False)
+    err8 = _rel(module(x), exact)
+    monkeypatch.setattr(quant, "reduce_range", lambda: True)
+    err7 = _rel(module(x), exact)
+    dw, dx = w.abs().amax(dim=1) / 127, 2 * x.abs().amax(dim=1) / 127
+    predicted = math.sqrt(float((dw**2).mean() / 12 / (w**2).mean() + (dx**2).mean() / 12 / (x**2).mean()))
+    assert err7 <= 1.5 * predicted, (err7, predicted)
+    # Coarser for real (expected sqrt(5/2) ≈ 1.6x when both factors have similar absmax/σ): the option is obeyed.
+    assert err7 > 1.25 * err8, (err7, err8)
+
+
 def test_each_token_has_its_own_scale() -> None:
     """A token 1000x larger than the others (an attention sink) leaves the others' error unchanged: with one
     scale per tensor they would be rounded to a grid 1000x too coarse (relative error ~ 1)."""

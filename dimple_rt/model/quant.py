@@ -66,7 +66,8 @@ def _quantized_engine(engine: str) -> Iterator[None]:
 def reduce_range() -> bool:
     """7-bit activations where the CPU lacks VNNI: AVX2's ``vpmaddubsw`` adds two u8·s8 products in int16,
     which saturates for 255·127·2; VNNI (``vpdpbusd``) accumulates in int32 and takes the full 8 bits."""
-    return not torch.cpu._is_vnni_supported()
+    is_vnni = getattr(torch.cpu, "_is_vnni_supported", None)  # private: absent means "assume no VNNI", the safe side
+    return not (is_vnni is not None and is_vnni())
 
 
 class Int8Weight:
