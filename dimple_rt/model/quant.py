@@ -11,12 +11,12 @@ per image, a few percent of a request's time, and every answer token reads their
 The GEMM is torch's quantized dynamic linear (``torch.ops.quantized.linear_dynamic``) on the ``x86`` engine
 (fbgemm: u8×s8 dot products with int32 accumulation, VNNI where the CPU has it). Measured on this project's
 AVX-512-VNNI/BF16 EPYC, one thread, candidates interleaved (benchmarks/test_bench_linear.py, RESULTS.md):
-3.7-5.1x fp32 and 1.3-2.0x torch's native bf16 GEMM on the 65-token shapes (8x/3x with 16 tokens). Against it:
+3.7-5.8x fp32 and 1.3-2.1x torch's native bf16 GEMM on the 65-token shapes (8-9x / 2.4-3x with 16 tokens). Against it:
 - ``torch._int_mm`` (int8×int8→int32, the same per-token scales): 0.75-1.05x this path's speed on 65 tokens,
-  0.6x on 16; faster only for a single token (2.3x), which Dimple's 65-token canvas never is;
+  0.6-0.75x on 16; faster only for a single token (1.1-2.3x), which Dimple's 65-token canvas never is;
 - ``torch._weight_int8pack_mm`` (weight-only int8, no activation rounding, ~0.85 % error against 1.1-1.2 %):
   its bf16 kernel runs at fp32's speed (0.2-0.25x this path; 0.65x for one token), its fp32 one at ~2 GFLOP/s;
-- the ``onednn`` engine, same op: 1.0-1.25x on the decoder shapes and 1.7x on the 151936-row LM head, but its
+- the ``onednn`` engine, same op: 1.0-1.25x on the decoder shapes and 1.5-1.7x on the 151936-row LM head, but its
   packed weight keeps a second int8 copy (2 bytes per parameter, bf16's footprint; fbgemm's keeps one byte).
   The weights are not kept twice, so fbgemm it is.
 Caveat: torch 2.13 warns that quantized tensor creation (used once here, to hand the int8 weight to the
