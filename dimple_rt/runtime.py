@@ -18,6 +18,7 @@ from .config import MAX_NEW_TOKENS, DimpleConfig, GenerationConfig, check_int
 from .generation.loop import DecodeRequest, LogitsHook, TokensHook, denoise
 from .generation.priors import build_canvas, parse_template
 from .model.dimple import DimpleModel
+from .model.quant import check_quantize, quantize_model
 from .processor import VIDEO_INPUT_KEYS, ImageProcessor, check_no_video, expand_image_placeholder_ids
 from .tokenizer import DimpleTokenizer
 from .weights import load_state_dict_into, resolve_dtype, resolve_model
@@ -89,6 +90,8 @@ class Runtime:
     local Hugging Face cache. ``dtype`` (a torch dtype, a name such as "bfloat16", or "auto": the checkpoint's
     stored dtype) defaults to fp32 on CPU; ``backend`` is ``"kernels"`` (the C++/CUDA
     ops) or ``"reference"`` (plain torch); ``self.backend`` holds the chosen :class:`~dimple_rt.backend.Backend`.
+    ``quantize="int8"`` (CPU, fp32/bf16) quantizes the decoder's linears and the LM head after loading: int8
+    weights per output channel, int8 activations per token (:mod:`dimple_rt.model.quant`); inference only.
     """
 
     def __init__(
@@ -98,6 +101,7 @@ class Runtime:
         device: str | torch.device | None = None,
         dtype: torch.dtype | str | None = None,
         backend: str = "kernels",
+        quantize: str | None = None,
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -105,11 +109,14 @@ class Runtime:
         self.backend: Backend = backend_for(backend)
         self.path: Path = resolve_model(model)
         self.dtype: torch.dtype = resolve_dtype(dtype, self.path) or torch.float32
+        check_quantize(quantize, self.dtype, self.device)
+        self.quantize = quantize
         self.config = DimpleConfig.from_json_file(self.path / "config.json")
         with torch.device("meta"):
             self.model = DimpleModel(self.config)
         load_state_dict_into(self.model, self.path, dtype=self.dtype, device=self.device)
         self.model.eval().requires_grad_(False)
+        quantize_model(self.model, quantize)
         self.tokenizer = DimpleTokenizer.from_pretrained(self.path)
         self.processor: ImageProcessor | None = None
         if self.config.vision_config is not None:

@@ -8,6 +8,8 @@ import functools
 import torch
 from torch import nn
 
+from .quant import Int8Weight, int8_linear
+
 # Output features per fp32 weight chunk of :func:`linear`'s widening path: at most this many bytes of widened
 # weight exist at once (a whole fp32 copy of Dimple-7B's LM head would be 2.2 GB).
 WIDEN_CHUNK_BYTES = 32 * 2**20
@@ -23,13 +25,18 @@ def cpu_has_bf16_gemm() -> bool:
         return False
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear``, except for bf16 on a CPU without bf16 GEMM: there the weight is widened to fp32 in chunks
-    of output features and multiplied in fp32, and the result rounded to bf16 once.
+def linear(x: torch.Tensor, weight: torch.Tensor | Int8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The one linear entry point: ``F.linear``, except for two cases chosen by the weight loaded.
 
-    Same math as a bf16 GEMM (bf16 inputs, fp32 accumulation, one rounding of the output), about 4x faster
-    on AVX2; only the summation order differs. Autograd flows through the widening to the bf16 weight.
+    - An :class:`~dimple_rt.model.quant.Int8Weight` (``quantize="int8"``): int8 weights times per-token int8
+      activations, see :func:`~dimple_rt.model.quant.int8_linear`.
+    - bf16 on a CPU without bf16 GEMM: the weight is widened to fp32 in chunks of output features and
+      multiplied in fp32, and the result rounded to bf16 once. Same math as a bf16 GEMM (bf16 inputs, fp32
+      accumulation, one rounding of the output), about 4x faster on AVX2; only the summation order differs.
+      Autograd flows through the widening to the bf16 weight.
     """
+    if isinstance(weight, Int8Weight):
+        return int8_linear(x, weight, bias)
     if (
         x.dtype != torch.bfloat16
         or weight.dtype != torch.bfloat16
@@ -45,10 +52,30 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` (same parameters, same checkpoint names) computed by :func:`linear`."""
+    """``nn.Linear`` (same parameters, same checkpoint names) computed by :func:`linear`.
+
+    After :meth:`quantize_int8` its ``weight`` is an :class:`~dimple_rt.model.quant.Int8Weight` (not a
+    parameter) and the module is inference-only.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
+
+    def quantize_int8(self) -> None:
+        """Replace the float weight by its int8 form and free it; the bias stays a float parameter (frozen)."""
+        if isinstance(self.weight, Int8Weight):
+            return
+        int8 = Int8Weight(self.weight)
+        del self.weight  # drops the parameter: the float weight is not kept next to the int8 one
+        self.weight = int8
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.train(False)
+
+    def train(self, mode: bool = True) -> Linear:
+        if mode and isinstance(self.weight, Int8Weight):
+            raise ValueError("a quantize='int8' model is inference-only: it cannot be put in training mode")
+        return super().train(mode)
 
 
 class RMSNorm(nn.Module):
