@@ -19,19 +19,23 @@ import textwrap
 import pytest
 import torch
 
+import dimple_rt
 from dimple_rt import ops, reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Where the dimple_rt under test lives: the installed package (CI runs pytest -P against it, and the checkout's
+# source folder has no compiled _C) or a checkout with an in-place build. Subprocesses import that one.
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(dimple_rt.__file__)))
 PRELUDE = "import torch\nfrom dimple_rt import ops, reference\n"
 
 
 def _run(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """Run a snippet in a fresh interpreter that imports this checkout's dimple_rt."""
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    """Run a snippet in a fresh interpreter that imports the dimple_rt under test."""
+    env = {**os.environ, "PYTHONPATH": PACKAGE_PARENT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     return subprocess.run(
         [sys.executable, "-c", PRELUDE + textwrap.dedent(code)],
         check=False,
-        cwd=ROOT,
+        cwd=PACKAGE_PARENT,
         env=env,
         capture_output=True,
         text=True,
@@ -404,8 +408,8 @@ def test_random_op_calls_fuzz(batch: int) -> None:
     r = subprocess.run(
         [sys.executable, os.path.join(ROOT, "python_tests", "_op_fuzz.py"), str(batch * calls), str(calls)],
         check=False,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")},
+        cwd=PACKAGE_PARENT,
+        env={**os.environ, "PYTHONPATH": PACKAGE_PARENT + os.pathsep + os.environ.get("PYTHONPATH", "")},
         capture_output=True,
         text=True,
         timeout=600,
