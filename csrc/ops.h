@@ -12,7 +12,7 @@
 
 namespace dimple_rt {
 
-// Attention of the current tokens over [prefix ‖ current] keys; see dimple_rt/reference.py.
+// Attention of the current tokens over [prefix ‖ current ‖ suffix] keys; see dimple_rt/reference.py.
 at::Tensor masked_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const std::optional<at::Tensor>& prefix_k, const std::optional<at::Tensor>& prefix_v,
                                 const std::optional<at::Tensor>& key_mask, const std::optional<at::Tensor>& cu_seqlens,
