@@ -1,7 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
 """masked_attention: the C++ kernel vs the authors' torch path (cat + repeat_kv + SDPA with a bool mask) vs
 dimple_rt.reference, on Dimple-7B's decoder shapes (28 query / 4 KV heads, head_dim 128) and the vision tower's
-window attention (16 heads, head_dim 80, cu_seqlens)."""
+window attention (16 heads, head_dim 80, cu_seqlens); and the dual cache's step ([prefix ‖ block ‖ suffix] read
+in place from one cache buffer) against SDPA over the concatenated keys."""
 
 from __future__ import annotations
 
@@ -32,6 +33,14 @@ GRID = {
     for prefix in (256, 1024, 2048)
 }
 GRID_IMPLS = ["kernel", "authors_sdpa", "sdpa_gqa"]
+# The dual cache's decode step (issue 16): a 32-query block over a 1024-token prefix and a 224-token suffix, all
+# three views of one preallocated (batch, max_len, kv_heads, head_dim) cache; Dimple-7B heads; no key mask
+# (batch 1: the model passes none). name: (batch, block, prefix_len, suffix_len, heads, kv_heads, head_dim, dtype)
+DUAL = {
+    f"dual_7b_block32_p1024_s224_{dtype_name}": (1, 32, 1024, 224, 28, 4, 128, dtype)
+    for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))
+}
+DUAL_IMPLS = ["kernel", "reference", "sdpa_gqa"]
 
 
 def _inputs(name: str) -> dict:
@@ -77,12 +86,30 @@ def _authors_path(args: dict) -> tuple:
     return run
 
 
+def _dual_inputs(name: str) -> dict:
+    """q and the prefix / current / suffix K/V as views of one cache buffer (as DecoderAttention passes them)."""
+    batch, block, prefix_len, suffix_len, heads, kv_heads, head_dim, dtype = DUAL[name]
+    g = torch.Generator().manual_seed(0)
+    max_len = prefix_len + block + suffix_len
+    cache_k, cache_v = (torch.randn(batch, max_len, kv_heads, head_dim, generator=g).to(dtype) for _ in range(2))
+    end = prefix_len + block
+    return {
+        "q": torch.randn(batch, block, heads, head_dim, generator=g).to(dtype),
+        "k": cache_k[:, prefix_len:end],
+        "v": cache_v[:, prefix_len:end],
+        "prefix_k": cache_k[:, :prefix_len],
+        "prefix_v": cache_v[:, :prefix_len],
+        "suffix_k": cache_k[:, end:],
+        "suffix_v": cache_v[:, end:],
+    }
+
+
 def _sdpa_gqa(args: dict) -> tuple:
     """The best single torch call: SDPA with ``enable_gqa`` over K/V that are already concatenated (the cat is
     not timed) and every key visible (no mask), on (batch, heads, len, dim) views of our layout."""
     qh = args["q"].transpose(1, 2)
-    kh = torch.cat([args["prefix_k"], args["k"]], dim=1).transpose(1, 2)
-    vh = torch.cat([args["prefix_v"], args["v"]], dim=1).transpose(1, 2)
+    kh = torch.cat([args[n] for n in ("prefix_k", "k", "suffix_k") if n in args], dim=1).transpose(1, 2)
+    vh = torch.cat([args[n] for n in ("prefix_v", "v", "suffix_v") if n in args], dim=1).transpose(1, 2)
     return lambda: F.scaled_dot_product_attention(qh, kh, vh, enable_gqa=True).transpose(1, 2)
 
 
@@ -94,7 +121,8 @@ def _cost(args: dict) -> tuple[int, int]:
         seg = args["cu_seqlens"].diff().to(torch.int64)
         pairs = int((seg * seg).sum())
     else:
-        pairs = q_len * (q_len + (args["prefix_k"].shape[1] if "prefix_k" in args else 0))
+        cached = sum(args[n].shape[1] for n in ("prefix_k", "suffix_k") if n in args)
+        pairs = q_len * (q_len + cached)
     tensors = [t for t in args.values() if isinstance(t, torch.Tensor) and t.is_floating_point()]
     bytes_moved = sum(t.numel() * t.element_size() for t in tensors) + q.numel() * q.element_size()
     return bytes_moved, 4 * batch * heads * pairs * head_dim
@@ -128,3 +156,15 @@ def test_masked_attention_decode_grid(shape: str, impl: str, timed) -> None:
     implementations = {"kernel": lambda: masked_attention(**args), "authors_sdpa": _authors_path(args)}
     implementations["sdpa_gqa"] = _sdpa_gqa(args)
     _check_then_time(implementations[impl], args, shape, timed, rounds=5)
+
+
+@pytest.mark.parametrize("impl", DUAL_IMPLS)
+@pytest.mark.parametrize("shape", list(DUAL))
+def test_masked_attention_dual_cache(shape: str, impl: str, timed) -> None:
+    args = _dual_inputs(shape)
+    fn = {
+        "kernel": lambda: masked_attention(**args),
+        "reference": lambda: reference.masked_attention(**args),
+        "sdpa_gqa": _sdpa_gqa(args),
+    }[impl]
+    _check_then_time(fn, args, shape, timed, rounds=3 if impl == "reference" else 10)

@@ -12,11 +12,12 @@
 
 namespace dimple_rt {
 
-// Attention of the current tokens over [prefix ‖ current] keys; see dimple_rt/reference.py.
+// Attention of the current tokens over [prefix ‖ current ‖ suffix] keys; see dimple_rt/reference.py.
 at::Tensor masked_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const std::optional<at::Tensor>& prefix_k, const std::optional<at::Tensor>& prefix_v,
                                 const std::optional<at::Tensor>& key_mask, const std::optional<at::Tensor>& cu_seqlens,
-                                bool causal, std::optional<double> scale);
+                                bool causal, std::optional<double> scale, const std::optional<at::Tensor>& suffix_k,
+                                const std::optional<at::Tensor>& suffix_v);
 
 // Writes rotate(k) and v into cache_k/cache_v at positions [start, start + len); see dimple_rt/reference.py.
 void kv_cache_write_cpu(at::Tensor& cache_k, at::Tensor& cache_v, const at::Tensor& k, const at::Tensor& v,
@@ -32,7 +33,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> confident_select_cpu(
 at::Tensor masked_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const std::optional<at::Tensor>& prefix_k, const std::optional<at::Tensor>& prefix_v,
                                  const std::optional<at::Tensor>& key_mask, const std::optional<at::Tensor>& cu_seqlens,
-                                 bool causal, std::optional<double> scale);
+                                 bool causal, std::optional<double> scale, const std::optional<at::Tensor>& suffix_k,
+                                 const std::optional<at::Tensor>& suffix_v);
 
 void kv_cache_write_cuda(at::Tensor& cache_k, at::Tensor& cache_v, const at::Tensor& k, const at::Tensor& v,
                          const at::Tensor& cos, const at::Tensor& sin, int64_t start);

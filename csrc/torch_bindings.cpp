@@ -9,16 +9,20 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(dimple_rt, m) {
-  // Attention of the current tokens over [prefix ‖ current] keys, in one pass with an online softmax.
+  // Attention of the current tokens over [prefix ‖ current ‖ suffix] keys, in one pass with an online softmax.
   // q: (batch, len, heads, head_dim); k, v: (batch, len, kv_heads, head_dim) with heads a multiple of kv_heads
   // (GQA); prefix_k/prefix_v: (batch, prefix_len, kv_heads, head_dim) cached keys/values placed before k/v;
-  // key_mask: bool (batch, prefix_len + len), True = real token, bidirectional rows keep their diagonal;
-  // cu_seqlens: int32 (segments + 1,) block-diagonal segments (batch 1, no prefix); causal: key j visible to
-  // query i iff j <= prefix_len + i; scale defaults to 1/sqrt(head_dim). A row with no visible key is zero.
-  // Returns (batch, len, heads, head_dim) in q's dtype. Exact semantics: dimple_rt/reference.py.
+  // suffix_k/suffix_v: (batch, suffix_len, kv_heads, head_dim) cached keys/values placed after them (the dual
+  // cache); both read in place through their strides. Query i sits at absolute position prefix_len + i.
+  // key_mask: bool (batch, prefix_len + len + suffix_len), True = real token, bidirectional rows keep their
+  // diagonal; cu_seqlens: int32 (segments + 1,) block-diagonal segments (batch 1, no prefix or suffix);
+  // causal: key j visible to query i iff j <= prefix_len + i (a non-empty suffix is refused); scale defaults
+  // to 1/sqrt(head_dim). A row with no visible key is zero. Returns (batch, len, heads, head_dim) in q's dtype.
+  // Exact semantics: dimple_rt/reference.py.
   m.def(
       "masked_attention(Tensor q, Tensor k, Tensor v, Tensor? prefix_k=None, Tensor? prefix_v=None, "
-      "Tensor? key_mask=None, Tensor? cu_seqlens=None, bool causal=False, float? scale=None) -> Tensor");
+      "Tensor? key_mask=None, Tensor? cu_seqlens=None, bool causal=False, float? scale=None, "
+      "Tensor? suffix_k=None, Tensor? suffix_v=None) -> Tensor");
 
   // Writes the rotated keys and the values of the current tokens into a preallocated per-layer cache.
   // cache_k/cache_v: (batch, max_len, kv_heads, head_dim), mutated; k (not yet rotated), v: (batch, len,

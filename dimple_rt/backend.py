@@ -26,7 +26,8 @@ BACKENDS = ("kernels", "reference")
 
 
 class AttentionFn(Protocol):
-    """The ``masked_attention`` contract (see :func:`dimple_rt.reference.masked_attention`)."""
+    """The ``masked_attention`` contract (see :func:`dimple_rt.reference.masked_attention`): the current tokens'
+    queries over ``[prefix ‖ current ‖ suffix]`` keys. Every implementation takes every argument."""
 
     def __call__(
         self,
@@ -39,6 +40,8 @@ class AttentionFn(Protocol):
         cu_seqlens: torch.Tensor | None = None,
         causal: bool = False,
         scale: float | None = None,
+        suffix_k: torch.Tensor | None = None,
+        suffix_v: torch.Tensor | None = None,
     ) -> torch.Tensor: ...
 
 

@@ -61,20 +61,25 @@ def masked_attention(
     cu_seqlens: torch.Tensor | None = None,
     causal: bool = False,
     scale: float | None = None,
+    suffix_k: torch.Tensor | None = None,
+    suffix_v: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Attention of the current tokens over ``[prefix ‖ current]`` keys, in one pass (online softmax).
+    """Attention of the current tokens over ``[prefix ‖ current ‖ suffix]`` keys, in one pass (online softmax).
 
     q: (batch, len, heads, head_dim); k, v: (batch, len, kv_heads, head_dim), heads a multiple of kv_heads
     (query head h reads kv head ``h // (heads // kv_heads)``); prefix_k, prefix_v: (batch, prefix_len,
-    kv_heads, head_dim) or None; key_mask: bool (batch, prefix_len + len), True = real token; cu_seqlens:
-    int32 (segments + 1,) block-diagonal segments (batch 1, no prefix); causal: query i sees keys up to its
-    own position prefix_len + i; scale: defaults to 1/sqrt(head_dim), else finite and > 0 as a float32
-    (ValueError otherwise). A query with no visible key gets zeros; NaN/inf inputs propagate as in torch.
-    Inputs may have any strides. Returns a contiguous (batch, len, heads, head_dim) tensor in q's dtype.
+    kv_heads, head_dim) or None, cached keys before the current ones; suffix_k, suffix_v: (batch, suffix_len,
+    kv_heads, head_dim) or None, cached keys after them (the dual cache's suffix); key_mask: bool (batch,
+    prefix_len + len + suffix_len), True = real token; cu_seqlens: int32 (segments + 1,) block-diagonal
+    segments (batch 1, no prefix or suffix); causal: query i sees keys up to its own position prefix_len + i
+    (a non-empty suffix is then a ValueError); scale: defaults to 1/sqrt(head_dim), else finite and > 0 as a
+    float32 (ValueError otherwise). A query with no visible key gets zeros; NaN/inf inputs propagate as in
+    torch. Inputs may have any strides: the prefix and suffix are read in place (views into a preallocated
+    cache), nothing is concatenated. Returns a contiguous (batch, len, heads, head_dim) tensor in q's dtype.
     Semantics: :func:`dimple_rt.reference.masked_attention`. Bad arguments raise ValueError / TypeError.
     """
     return torch.ops.dimple_rt.masked_attention.default(
-        q, k, v, prefix_k, prefix_v, key_mask, cu_seqlens, causal, scale
+        q, k, v, prefix_k, prefix_v, key_mask, cu_seqlens, causal, scale, suffix_k, suffix_v
     )
 
 
@@ -89,6 +94,8 @@ def _masked_attention_fake(
     cu_seqlens: torch.Tensor | None = None,
     causal: bool = False,
     scale: float | None = None,
+    suffix_k: torch.Tensor | None = None,
+    suffix_v: torch.Tensor | None = None,
 ) -> torch.Tensor:
     # Only what the output's metadata needs; the real kernel checks everything (cu_seqlens' values need data).
     _check_one_device(
@@ -100,6 +107,8 @@ def _masked_attention_fake(
             "v": v,
             "prefix_k": prefix_k,
             "prefix_v": prefix_v,
+            "suffix_k": suffix_k,
+            "suffix_v": suffix_v,
             "key_mask": key_mask,
             "cu_seqlens": cu_seqlens,
         },

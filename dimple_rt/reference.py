@@ -18,6 +18,30 @@ def _require(cond: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def _cached_len(
+    which: str, cache_k: torch.Tensor | None, cache_v: torch.Tensor | None, q: torch.Tensor, num_kv_heads: int
+) -> int:
+    """The length of the cached prefix or suffix keys (``which``), 0 when absent, after checking them."""
+    kname, vname = f"{which}_k", f"{which}_v"
+    _require((cache_k is None) == (cache_v is None), f"masked_attention: give both {kname} and {vname} or neither")
+    if cache_k is None:
+        return 0
+    assert cache_v is not None
+    batch, _, _, head_dim = q.shape
+    _require(
+        cache_k.dim() == 4 and cache_k.shape == cache_v.shape,
+        f"masked_attention: {kname} {tuple(cache_k.shape)} and {vname} {tuple(cache_v.shape)} must be equal 4-D",
+    )
+    _require(
+        cache_k.shape[0] == batch and cache_k.shape[2] == num_kv_heads and cache_k.shape[3] == head_dim,
+        f"masked_attention: {kname} must be (batch={batch}, {which}_len, kv_heads={num_kv_heads}, "
+        f"head_dim={head_dim}), got {tuple(cache_k.shape)}",
+    )
+    if cache_k.dtype != q.dtype or cache_v.dtype != q.dtype:
+        raise TypeError(f"masked_attention: {kname}/{vname} must have q's dtype {q.dtype}")
+    return cache_k.shape[1]
+
+
 def check_masked_attention_args(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -27,6 +51,9 @@ def check_masked_attention_args(
     key_mask: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,
     scale: float | None = None,
+    suffix_k: torch.Tensor | None = None,
+    suffix_v: torch.Tensor | None = None,
+    causal: bool = False,
 ) -> None:
     """Raise ValueError/TypeError naming the argument when the inputs do not form a valid call."""
     if scale is not None:
@@ -62,6 +89,8 @@ def check_masked_attention_args(
         ("v", v),
         ("prefix_k", prefix_k),
         ("prefix_v", prefix_v),
+        ("suffix_k", suffix_k),
+        ("suffix_v", suffix_v),
         ("key_mask", key_mask),
         ("cu_seqlens", cu_seqlens),
     ):
@@ -69,28 +98,20 @@ def check_masked_attention_args(
             t is None or t.device == q.device,
             f"masked_attention: {name} is on {None if t is None else t.device}, q on {q.device}",
         )
-    _require((prefix_k is None) == (prefix_v is None), "masked_attention: give both prefix_k and prefix_v or neither")
-    prefix_len = 0
-    if prefix_k is not None:
-        assert prefix_v is not None
-        _require(
-            prefix_k.dim() == 4 and prefix_k.shape == prefix_v.shape,
-            f"masked_attention: prefix_k {tuple(prefix_k.shape)} and prefix_v {tuple(prefix_v.shape)} must be equal 4-D",
-        )
-        _require(
-            prefix_k.shape[0] == batch and prefix_k.shape[2] == num_kv_heads and prefix_k.shape[3] == head_dim,
-            f"masked_attention: prefix_k must be (batch={batch}, prefix_len, kv_heads={num_kv_heads}, "
-            f"head_dim={head_dim}), got {tuple(prefix_k.shape)}",
-        )
-        if prefix_k.dtype != q.dtype or prefix_v.dtype != q.dtype:
-            raise TypeError(f"masked_attention: prefix_k/prefix_v must have q's dtype {q.dtype}")
-        prefix_len = prefix_k.shape[1]
+    prefix_len = _cached_len("prefix", prefix_k, prefix_v, q, num_kv_heads)
+    suffix_len = _cached_len("suffix", suffix_k, suffix_v, q, num_kv_heads)
+    # Suffix keys sit after every query, so a causal query could never see them: refused rather than ignored.
+    _require(
+        not causal or suffix_len == 0,
+        f"masked_attention: causal attention takes no suffix (suffix_len {suffix_len} > 0)",
+    )
     if key_mask is not None:
         if key_mask.dtype != torch.bool:
             raise TypeError(f"masked_attention: key_mask must be bool, got {key_mask.dtype}")
+        total = prefix_len + q_len + suffix_len
         _require(
-            key_mask.shape == (batch, prefix_len + q_len),
-            f"masked_attention: key_mask must be (batch={batch}, prefix_len+len={prefix_len + q_len}), "
+            key_mask.shape == (batch, total),
+            f"masked_attention: key_mask must be (batch={batch}, prefix_len+len+suffix_len={total}), "
             f"got {tuple(key_mask.shape)}",
         )
     if cu_seqlens is not None:
@@ -100,7 +121,10 @@ def check_masked_attention_args(
             cu_seqlens.dim() == 1 and cu_seqlens.numel() >= 2,
             "masked_attention: cu_seqlens must be 1-D with ≥2 entries",
         )
-        _require(batch == 1 and prefix_len == 0, "masked_attention: cu_seqlens needs batch 1 and no prefix")
+        _require(
+            batch == 1 and prefix_len == 0 and suffix_len == 0,
+            "masked_attention: cu_seqlens needs batch 1 and no prefix or suffix",
+        )
         _require(key_mask is None, "masked_attention: cu_seqlens and key_mask cannot be combined")
         c = cu_seqlens.to("cpu", torch.int64)
         _require(
@@ -117,20 +141,23 @@ def attention_allowed(
     cu_seqlens: torch.Tensor | None,
     causal: bool,
     device: torch.device,
+    suffix_len: int = 0,
 ) -> torch.Tensor:
-    """Which keys each query may see: bool ``(batch, q_len, prefix_len + q_len)``.
+    """Which keys each query may see: bool ``(batch, q_len, prefix_len + q_len + suffix_len)``.
 
-    Query i sits at absolute position ``prefix_len + i``. With a key mask ``a`` (True = real token):
-    bidirectional attention allows ``(a_i ∧ a_j) ∨ (i == j)`` (Dimple's forced diagonal: a padded row
-    sees only itself); causal attention allows ``(j ≤ i) ∧ a_i ∧ a_j`` with no diagonal, so a padded row is
-    fully masked and its output is zero. ``cu_seqlens`` makes the pattern block-diagonal.
+    Keys are ``[prefix ‖ current ‖ suffix]``: query i sits at absolute position ``prefix_len + i``, suffix key
+    j at ``prefix_len + q_len + j``. With a key mask ``a`` (True = real token) over all of them: bidirectional
+    attention allows ``(a_i ∧ a_j) ∨ (i == j)`` (Dimple's forced diagonal: a padded row sees only itself; the
+    diagonal is always a current key); causal attention allows ``(j ≤ i) ∧ a_i ∧ a_j`` with no diagonal, so a
+    padded row is fully masked and its output is zero (suffix keys would be invisible: causal calls take no
+    suffix). ``cu_seqlens`` makes the pattern block-diagonal (no prefix or suffix then).
     """
-    total = prefix_len + q_len
-    qpos = torch.arange(prefix_len, total, device=device)  # (q_len,)
+    total = prefix_len + q_len + suffix_len
+    qpos = torch.arange(prefix_len, prefix_len + q_len, device=device)  # (q_len,)
     kpos = torch.arange(total, device=device)  # (total,)
     allowed = torch.ones(batch, q_len, total, dtype=torch.bool, device=device)
     if key_mask is not None:
-        a_q = key_mask[:, prefix_len:]  # (batch, q_len)
+        a_q = key_mask[:, prefix_len : prefix_len + q_len]  # (batch, q_len)
         both = a_q[:, :, None] & key_mask[:, None, :]  # (batch, q_len, total)
         allowed = both if causal else both | (qpos[:, None] == kpos[None, :])[None]
     if causal:
@@ -138,7 +165,7 @@ def attention_allowed(
     if cu_seqlens is not None:
         c = cu_seqlens.to(device=device, dtype=torch.int64)
         seg = torch.bucketize(kpos, c[1:], right=True)  # (total,) segment id of each position
-        allowed = allowed & (seg[prefix_len:, None] == seg[None, :])[None]
+        allowed = allowed & (seg[prefix_len : prefix_len + q_len, None] == seg[None, :])[None]
     return allowed
 
 
@@ -152,30 +179,35 @@ def masked_attention(
     cu_seqlens: torch.Tensor | None = None,
     causal: bool = False,
     scale: float | None = None,
+    suffix_k: torch.Tensor | None = None,
+    suffix_v: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Attention of the current tokens over ``[prefix ‖ current]`` keys.
+    """Attention of the current tokens over ``[prefix ‖ current ‖ suffix]`` keys.
 
     q: (batch, len, heads, head_dim); k, v: (batch, len, kv_heads, head_dim), heads a multiple of kv_heads
     (GQA: query head h reads kv head ``h // (heads // kv_heads)``); prefix_k, prefix_v: (batch, prefix_len,
-    kv_heads, head_dim) or None; key_mask: bool (batch, prefix_len + len), True = real token; cu_seqlens:
-    int32 (segments + 1,) block-diagonal segments (batch 1, no prefix). A query with no visible key gets
-    zeros. Computed in fp32, returned in q's dtype: (batch, len, heads, head_dim).
+    kv_heads, head_dim) or None, the cached keys before the current ones; suffix_k, suffix_v: (batch,
+    suffix_len, kv_heads, head_dim) or None, the cached keys after them (the dual cache); key_mask: bool
+    (batch, prefix_len + len + suffix_len), True = real token; cu_seqlens: int32 (segments + 1,)
+    block-diagonal segments (batch 1, no prefix or suffix); causal: query i sees keys up to its own position
+    ``prefix_len + i`` (a non-empty suffix is refused with ValueError: no causal query could see it). Visibility:
+    :func:`attention_allowed`. A query with no visible key gets zeros. Computed in fp32, returned in q's dtype:
+    (batch, len, heads, head_dim).
     """
-    check_masked_attention_args(q, k, v, prefix_k, prefix_v, key_mask, cu_seqlens, scale)
+    check_masked_attention_args(q, k, v, prefix_k, prefix_v, key_mask, cu_seqlens, scale, suffix_k, suffix_v, causal)
     batch, q_len, num_heads, head_dim = q.shape
     groups = num_heads // k.shape[2]
-    if prefix_k is not None:
-        assert prefix_v is not None
-        k = torch.cat([prefix_k, k], dim=1)  # (batch, total, kv_heads, head_dim)
-        v = torch.cat([prefix_v, v], dim=1)
-    prefix_len = k.shape[1] - q_len
+    prefix_len = 0 if prefix_k is None else prefix_k.shape[1]
+    suffix_len = 0 if suffix_k is None else suffix_k.shape[1]
+    k = torch.cat([x for x in (prefix_k, k, suffix_k) if x is not None], dim=1)  # (batch, total, kv_heads, head_dim)
+    v = torch.cat([x for x in (prefix_v, v, suffix_v) if x is not None], dim=1)
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim) if head_dim else 1.0  # head_dim 0: an empty output either way
     qf = q.float().transpose(1, 2)  # (batch, heads, len, head_dim)
     kf = k.float().repeat_interleave(groups, dim=2).transpose(1, 2)  # (batch, heads, total, head_dim)
     vf = v.float().repeat_interleave(groups, dim=2).transpose(1, 2)
     scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale  # (batch, heads, len, total)
-    allowed = attention_allowed(batch, q_len, prefix_len, key_mask, cu_seqlens, causal, q.device)
+    allowed = attention_allowed(batch, q_len, prefix_len, key_mask, cu_seqlens, causal, q.device, suffix_len)
     scores = scores.masked_fill(~allowed[:, None], float("-inf"))
     # A row with no visible key softmaxes to NaN: make it zeros. Only those rows: a NaN or inf from the inputs
     # propagates, as it does in the kernels (nan_to_num would turn it into a silent finite answer).

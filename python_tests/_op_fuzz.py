@@ -79,13 +79,19 @@ def fuzz_masked_attention(rng: random.Random, g: torch.Generator) -> None:
     if prefix:
         args["prefix_k"] = _tensor(rng, g, (batch, prefix, kv_heads, head_dim), dtype)
         args["prefix_v"] = _tensor(rng, g, (batch, prefix, kv_heads, head_dim), dtype)
+    suffix = rng.choice([0, 0, 0, 1, 4, 70])
+    if suffix:  # the dual cache's suffix; with causal or cu_seqlens both sides must raise
+        args["suffix_k"] = _tensor(rng, g, (batch, suffix, kv_heads, head_dim), dtype)
+        args["suffix_v"] = _tensor(rng, g, (batch, suffix, kv_heads, head_dim), dtype)
     option = rng.choice(["none", "key_mask", "cu_seqlens"])
     if option == "key_mask":
-        args["key_mask"] = torch.rand(batch, prefix + q_len + rng.choice([0] * 9 + [1]), generator=g) < 0.6
+        args["key_mask"] = torch.rand(batch, prefix + q_len + suffix + rng.choice([0] * 9 + [1]), generator=g) < 0.6
     elif option == "cu_seqlens":
         cuts = sorted(rng.randint(-1, q_len + 1) for _ in range(rng.randint(0, 3)))
         args["cu_seqlens"] = torch.tensor([0, *cuts, q_len], dtype=rng.choice([torch.int32] * 5 + [torch.int64]))
-    meta = _maybe_meta(rng, args, ["q", "k", "v", "prefix_k", "prefix_v", "key_mask", "cu_seqlens"])
+    meta = _maybe_meta(
+        rng, args, ["q", "k", "v", "prefix_k", "prefix_v", "suffix_k", "suffix_v", "key_mask", "cu_seqlens"]
+    )
     out = _call(ops.masked_attention, reference.masked_attention, args)
     if out is None:
         return

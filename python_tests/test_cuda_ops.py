@@ -117,6 +117,56 @@ def test_attention_scale(tol) -> None:
     tma._assert_matches_reference(ops.masked_attention(**args), args, tol(torch.float32))
 
 
+@pytest.mark.parametrize("dtype", tma.DTYPES, ids=str)
+@pytest.mark.parametrize("padded", [False, True], ids=["bidirectional", "padded"])
+@pytest.mark.parametrize("shape", tma.SUFFIX_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_attention_suffix_matches_reference(shape: tuple, padded: bool, dtype: torch.dtype, tol) -> None:
+    """[prefix ‖ current ‖ suffix] keys (the dual cache) on the CPU tests' awkward sizes and key masks."""
+    batch, q_len, prefix_len, suffix_len, heads, kv_heads, head_dim = shape
+    args = tma._attention_inputs(batch, q_len, prefix_len, heads, kv_heads, head_dim, dtype, suffix_len=suffix_len)
+    args["key_mask"] = tma._suffix_mask(batch, prefix_len, q_len, suffix_len) if padded else None
+    args = _cuda(args)
+    out = ops.masked_attention(**args)
+    assert out.device.type == "cuda"
+    tma._assert_matches_reference(out, args, tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", tma.DTYPES, ids=str)
+def test_attention_suffix_views_of_a_cache(dtype: torch.dtype, tol) -> None:
+    """Prefix, current and suffix as views of one wider cache buffer: the vector-load path (cache layout) and
+    the element-load paths (a transposed buffer, a head_dim stride of 2, a suffix that starts at an odd row of
+    a buffer whose rows are not 16-byte multiples)."""
+    batch, prefix_len, q_len, suffix_len, heads, kv_heads, head_dim = 2, 21, 13, 70, 8, 2, 80
+    max_len = prefix_len + q_len + suffix_len + 9
+    g = torch.Generator().manual_seed(3)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(dtype).to(DEVICE)
+
+    q = randn(batch, q_len, heads, head_dim)
+    layouts = {
+        "cache": lambda: randn(batch, max_len, kv_heads, head_dim),
+        "transposed": lambda: randn(batch, kv_heads, max_len, head_dim).transpose(1, 2),
+        "strided_dim": lambda: randn(batch, max_len, kv_heads, 2 * head_dim)[..., ::2],
+        "odd_rows": lambda: randn(batch, max_len, kv_heads, head_dim + 1)[..., :head_dim],
+    }
+    end = prefix_len + q_len
+    mask = _cuda(tma._suffix_mask(batch, prefix_len, q_len, suffix_len))
+    for make in layouts.values():
+        cache_k, cache_v = make(), make()
+        args = {
+            "q": q,
+            "k": cache_k[:, prefix_len:end],
+            "v": cache_v[:, prefix_len:end],
+            "prefix_k": cache_k[:, :prefix_len],
+            "prefix_v": cache_v[:, :prefix_len],
+            "suffix_k": cache_k[:, end : end + suffix_len],
+            "suffix_v": cache_v[:, end : end + suffix_len],
+        }
+        for extra in ({}, {"key_mask": mask}):
+            tma._assert_matches_reference(ops.masked_attention(**args, **extra), {**args, **extra}, tol(dtype))
+
+
 @pytest.mark.parametrize("case", list(tma.BAD_INPUTS))
 def test_attention_bad_inputs_same_message(case: str) -> None:
     args, error, message = tma.BAD_INPUTS[case]
@@ -126,7 +176,7 @@ def test_attention_bad_inputs_same_message(case: str) -> None:
         ops.masked_attention(**_cuda(args))
 
 
-@pytest.mark.parametrize("sample", range(4))
+@pytest.mark.parametrize("sample", range(len(tma._opcheck_samples())))
 def test_attention_opcheck(sample: int) -> None:
     args, kwargs = tma._opcheck_samples()[sample]
     torch.library.opcheck(torch.ops.dimple_rt.masked_attention.default, _cuda(args), _cuda(kwargs))

@@ -45,20 +45,34 @@ CU_HEADS, CU_HEAD_DIM = 4, 80  # the vision tower's head_dim
 
 
 def _attention_inputs(
-    batch: int, q_len: int, prefix_len: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, seed: int = 0
+    batch: int,
+    q_len: int,
+    prefix_len: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    seed: int = 0,
+    suffix_len: int | None = None,
 ) -> dict[str, torch.Tensor | None]:
+    """Random q/k/v and prefix (None when prefix_len is 0); suffix_k/suffix_v too when suffix_len is given
+    (an empty (batch, 0, ...) pair for 0)."""
     g = torch.Generator().manual_seed(seed)
 
     def randn(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=g).to(dtype)
 
-    return {
+    args = {
         "q": randn(batch, q_len, heads, head_dim),
         "k": randn(batch, q_len, kv_heads, head_dim),
         "v": randn(batch, q_len, kv_heads, head_dim),
         "prefix_k": randn(batch, prefix_len, kv_heads, head_dim) if prefix_len else None,
         "prefix_v": randn(batch, prefix_len, kv_heads, head_dim) if prefix_len else None,
     }
+    if suffix_len is not None:
+        args["suffix_k"] = randn(batch, suffix_len, kv_heads, head_dim)
+        args["suffix_v"] = randn(batch, suffix_len, kv_heads, head_dim)
+    return args
 
 
 def _left_padding(batch: int, total: int) -> torch.Tensor:
@@ -166,19 +180,172 @@ def test_cu_seqlens_non_contiguous(tol) -> None:
     _assert_matches_reference(masked_attention(**args), args, tol(torch.float32))
 
 
+# ---- [prefix ‖ current ‖ suffix]: the dual cache's suffix
+
+# (batch, q_len, prefix_len, suffix_len, heads, kv_heads, head_dim): a suffix of one key, odd lengths, a suffix
+# longer than one 64-key tile, an empty one, GQA 1:1 / 2:1 / 7:1, head_dim 64/80/128/17, and the dual cache's
+# decode shape (a 32-token block over a prefix and a suffix, Dimple-7B's 28:4 heads).
+SUFFIX_SHAPES = [
+    (1, 1, 0, 1, 1, 1, 64),
+    (2, 7, 3, 5, 4, 2, 64),
+    (2, 13, 1, 31, 2, 2, 80),
+    (1, 33, 17, 70, 7, 1, 128),
+    (1, 32, 100, 96, 28, 4, 128),
+    (3, 5, 0, 9, 3, 1, 17),
+    (2, 9, 4, 0, 4, 2, 64),
+]
+
+
+def _suffix_mask(batch: int, prefix_len: int, q_len: int, suffix_len: int) -> torch.Tensor:
+    """Key mask over prefix + current + suffix: left padding as _left_padding (sequence 2 has only its last key
+    real), and for odd sequences the last two suffix keys padded too (right padding of the canvas)."""
+    mask = _left_padding(batch, prefix_len + q_len + suffix_len)
+    for b in range(1, batch, 2):
+        mask[b, prefix_len + q_len + max(0, suffix_len - 2) :] = False
+    return mask
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("padded", [False, True], ids=["bidirectional", "padded"])
+@pytest.mark.parametrize("shape", SUFFIX_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_suffix_matches_reference(shape: tuple, padded: bool, dtype: torch.dtype, tol) -> None:
+    batch, q_len, prefix_len, suffix_len, heads, kv_heads, head_dim = shape
+    args = _attention_inputs(batch, q_len, prefix_len, heads, kv_heads, head_dim, dtype, suffix_len=suffix_len)
+    args["key_mask"] = _suffix_mask(batch, prefix_len, q_len, suffix_len) if padded else None
+    _assert_matches_reference(masked_attention(**args), args, tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_suffix_padded_queries_see_only_themselves(dtype: torch.dtype) -> None:
+    """A padded query keeps Dimple's forced diagonal (a current key) and sees no prefix or suffix key: its output
+    is exactly its own value row. (No row is ever fully masked with a suffix: bidirectional rows keep their
+    diagonal, and causal calls take no suffix.)"""
+    batch, q_len, prefix_len, suffix_len, heads, kv_heads = 2, 6, 3, 70, 4, 2
+    args = _attention_inputs(batch, q_len, prefix_len, heads, kv_heads, 64, dtype, suffix_len=suffix_len)
+    key_mask = torch.ones(batch, prefix_len + q_len + suffix_len, dtype=torch.bool)
+    key_mask[1, prefix_len : prefix_len + 4] = False  # sequence 1: its first four queries are padding
+    out = masked_attention(**args, key_mask=key_mask)
+    own = args["v"][1, :4].repeat_interleave(heads // kv_heads, dim=1)  # (4, heads, head_dim)
+    assert torch.equal(out[1, :4], own) and not out.isnan().any()
+
+
+def _explicit_visibility(key_mask: torch.Tensor | None, batch: int, prefix_len: int, q_len: int, total: int):
+    """(batch, q_len, total) bool, written out from the contract rather than from reference.attention_allowed."""
+    allowed = torch.ones(batch, q_len, total, dtype=torch.bool)
+    if key_mask is None:
+        return allowed
+    for b in range(batch):
+        for i in range(q_len):
+            for j in range(total):
+                allowed[b, i, j] = bool(key_mask[b, prefix_len + i] and key_mask[b, j]) or j == prefix_len + i
+    return allowed
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["bidirectional", "padded"])
+def test_suffix_equals_attention_over_concatenated_keys(padded: bool) -> None:
+    """[prefix ‖ current ‖ suffix] read in place == the same queries over torch.cat'ed keys: (1) SDPA (GQA) with
+    the visibility written out, (2) this op with no prefix/suffix, queries placed at their absolute positions
+    of a full-length canvas (the other queries are zeros and ignored)."""
+    batch, q_len, prefix_len, suffix_len, heads, kv_heads, head_dim = 3, 11, 19, 45, 6, 2, 64
+    total = prefix_len + q_len + suffix_len
+    args = _attention_inputs(batch, q_len, prefix_len, heads, kv_heads, head_dim, torch.float32, suffix_len=suffix_len)
+    key_mask = _suffix_mask(batch, prefix_len, q_len, suffix_len) if padded else None
+    out = masked_attention(**args, key_mask=key_mask)
+
+    k_all = torch.cat([args["prefix_k"], args["k"], args["suffix_k"]], dim=1)  # (batch, total, kv_heads, head_dim)
+    v_all = torch.cat([args["prefix_v"], args["v"], args["suffix_v"]], dim=1)
+    allowed = _explicit_visibility(key_mask, batch, prefix_len, q_len, total)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(
+        args["q"].transpose(1, 2),
+        k_all.transpose(1, 2),
+        v_all.transpose(1, 2),
+        attn_mask=allowed[:, None],
+        enable_gqa=True,
+    ).transpose(1, 2)
+    torch.testing.assert_close(out, sdpa, atol=1e-5, rtol=1e-5)
+
+    q_full = torch.zeros(batch, total, heads, head_dim)
+    q_full[:, prefix_len : prefix_len + q_len] = args["q"]
+    full = masked_attention(q_full, k_all, v_all, key_mask=key_mask)
+    torch.testing.assert_close(out, full[:, prefix_len : prefix_len + q_len], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_suffix_views_of_a_cache(dtype: torch.dtype, tol) -> None:
+    """The dual cache's call: prefix, current and suffix are all views into one preallocated (batch, max_len,
+    kv_heads, head_dim) cache buffer, wider than what is attended (its tail unused), in three layouts: the
+    cache's own, a (batch, kv_heads, max_len, head_dim) buffer seen through a transpose, and a head_dim stride of
+    2. The result equals the reference on contiguous copies, and the cache is not written."""
+    batch, prefix_len, q_len, suffix_len, heads, kv_heads, head_dim = 2, 21, 13, 37, 8, 2, 80
+    max_len = prefix_len + q_len + suffix_len + 9
+    g = torch.Generator().manual_seed(3)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    q = randn(batch, q_len, heads, head_dim)
+    layouts = {
+        "cache": lambda: randn(batch, max_len, kv_heads, head_dim),
+        "transposed": lambda: randn(batch, kv_heads, max_len, head_dim).transpose(1, 2),
+        "strided_dim": lambda: randn(batch, max_len, kv_heads, 2 * head_dim)[..., ::2],
+    }
+    end = prefix_len + q_len
+    for name, make in layouts.items():
+        cache_k, cache_v = make(), make()
+        before = (cache_k.clone(), cache_v.clone())
+        args = {
+            "q": q,
+            "k": cache_k[:, prefix_len:end],
+            "v": cache_v[:, prefix_len:end],
+            "prefix_k": cache_k[:, :prefix_len],
+            "prefix_v": cache_v[:, :prefix_len],
+            "suffix_k": cache_k[:, end : end + suffix_len],
+            "suffix_v": cache_v[:, end : end + suffix_len],
+        }
+        assert not args["suffix_k"].is_contiguous(), name
+        for extra in ({}, {"key_mask": _suffix_mask(batch, prefix_len, q_len, suffix_len)}):
+            out = masked_attention(**args, **extra)
+            contiguous = {n: t.contiguous() if isinstance(t, torch.Tensor) else t for n, t in {**args, **extra}.items()}
+            _assert_matches_reference(out, contiguous, tol(dtype))
+        assert torch.equal(cache_k, before[0]) and torch.equal(cache_v, before[1]), name
+
+
+def test_suffix_empty_is_no_suffix() -> None:
+    """An empty (batch, 0, ...) suffix is no suffix: the same result, bit for bit, also with causal=True."""
+    args = _attention_inputs(2, 9, 4, 4, 2, 64, torch.float32, suffix_len=0)
+    without = {n: t for n, t in args.items() if not n.startswith("suffix")}
+    for causal in (False, True):
+        assert torch.equal(masked_attention(**args, causal=causal), masked_attention(**without, causal=causal))
+
+
 def _opcheck_samples() -> list[tuple[tuple, dict]]:
     base = _attention_inputs(2, 5, 3, 4, 2, 16, torch.float32)
     cu = _attention_inputs(1, CU_LEN, 0, 2, 1, 16, torch.float32)
+    dual = _attention_inputs(2, 5, 3, 4, 2, 16, torch.float32, suffix_len=6)
     qkv = (base["q"], base["k"], base["v"])
+    cache = torch.randn(2, 20, 2, 16)  # prefix, current and suffix as views of one cache buffer
     return [
         (qkv, {}),
         (qkv, {"prefix_k": base["prefix_k"], "prefix_v": base["prefix_v"], "key_mask": _left_padding(2, 8)}),
         (qkv, {"causal": True, "scale": 0.5}),
         ((cu["q"], cu["k"], cu["v"]), {"cu_seqlens": torch.tensor(CU_SEQLENS, dtype=torch.int32)}),
+        (
+            (dual["q"], dual["k"], dual["v"], dual["prefix_k"], dual["prefix_v"]),
+            {"suffix_k": dual["suffix_k"], "suffix_v": dual["suffix_v"], "key_mask": _suffix_mask(2, 3, 5, 6)},
+        ),
+        (
+            (dual["q"], cache[:, 3:8], cache[:, 3:8].flip(-1)),
+            {
+                "suffix_k": cache[:, 8:15],
+                "suffix_v": cache[:, 8:15],
+                "prefix_k": cache[:, :3],
+                "prefix_v": cache[:, :3],
+            },
+        ),
     ]
 
 
-@pytest.mark.parametrize("sample", range(4))
+@pytest.mark.parametrize("sample", range(len(_opcheck_samples())))
 def test_opcheck(sample: int) -> None:
     args, kwargs = _opcheck_samples()[sample]
     torch.library.opcheck(torch.ops.dimple_rt.masked_attention.default, args, kwargs)
@@ -237,7 +404,43 @@ BAD_INPUTS = {
         "prefix_k/prefix_v must have q's dtype",
     ),
     "mask_dtype": (_bad(key_mask=torch.ones(2, 8)), TypeError, "key_mask must be bool"),
-    "mask_shape": (_bad(key_mask=torch.ones(2, 5, dtype=torch.bool)), ValueError, r"prefix_len\+len=8"),
+    "mask_shape": (_bad(key_mask=torch.ones(2, 5, dtype=torch.bool)), ValueError, r"prefix_len\+len\+suffix_len=8"),
+    "mask_shape_suffix": (
+        _bad(suffix_k=torch.zeros(2, 4, 2, 16), suffix_v=torch.zeros(2, 4, 2, 16), key_mask=torch.ones(2, 8).bool()),
+        ValueError,
+        r"prefix_len\+len\+suffix_len=12\), got \(2, 8\)",
+    ),
+    "suffix_one": (_bad(suffix_k=torch.zeros(2, 4, 2, 16)), ValueError, "both suffix_k and suffix_v or neither"),
+    "suffix_shape": (
+        _bad(suffix_k=torch.zeros(2, 4, 2, 8), suffix_v=torch.zeros(2, 4, 2, 8)),
+        ValueError,
+        r"suffix_k must be \(batch=2, suffix_len, kv_heads=2, head_dim=16\), got \(2, 4, 2, 8\)",
+    ),
+    "suffix_batch": (
+        _bad(suffix_k=torch.zeros(1, 4, 2, 16), suffix_v=torch.zeros(1, 4, 2, 16)),
+        ValueError,
+        "suffix_k must be",
+    ),
+    "suffix_kv_differ": (
+        _bad(suffix_k=torch.zeros(2, 4, 2, 16), suffix_v=torch.zeros(2, 3, 2, 16)),
+        ValueError,
+        r"suffix_k \(2, 4, 2, 16\) and suffix_v \(2, 3, 2, 16\) must be equal 4-D",
+    ),
+    "suffix_rank": (
+        _bad(suffix_k=torch.zeros(2, 4, 32), suffix_v=torch.zeros(2, 4, 32)),
+        ValueError,
+        "suffix_k .* must be equal 4-D",
+    ),
+    "suffix_dtype": (
+        _bad(suffix_k=torch.zeros(2, 4, 2, 16, dtype=torch.half), suffix_v=torch.zeros(2, 4, 2, 16, dtype=torch.half)),
+        TypeError,
+        "suffix_k/suffix_v must have q's dtype",
+    ),
+    "causal_suffix": (
+        _bad(suffix_k=torch.zeros(2, 4, 2, 16), suffix_v=torch.zeros(2, 4, 2, 16), causal=True),
+        ValueError,
+        r"causal attention takes no suffix \(suffix_len 4 > 0\)",
+    ),
     "cu_dtype": (
         _bad(prefix_k=None, prefix_v=None, cu_seqlens=torch.tensor([0, 5])),
         TypeError,
@@ -283,6 +486,20 @@ BAD_INPUTS = {
         ),
         ValueError,
         "cu_seqlens must rise from 0 to len=5",
+    ),
+    "cu_suffix": (
+        _bad(
+            q=torch.zeros(1, 5, 4, 16),
+            k=torch.zeros(1, 5, 2, 16),
+            v=torch.zeros(1, 5, 2, 16),
+            prefix_k=None,
+            prefix_v=None,
+            suffix_k=torch.zeros(1, 2, 2, 16),
+            suffix_v=torch.zeros(1, 2, 2, 16),
+            cu_seqlens=torch.tensor([0, 5], dtype=torch.int32),
+        ),
+        ValueError,
+        "cu_seqlens needs batch 1 and no prefix or suffix",
     ),
     "cu_and_mask": (
         _bad(
@@ -356,9 +573,14 @@ else:
             args["prefix_v"] = tensor(batch, prefix_len, kv_heads, head_dim)
         else:
             prefix_len = 0
+        suffix_len = 0
+        if draw(st.integers(0, 2)) == 0:  # a suffix (maybe empty); with causal or cu_seqlens both must raise
+            suffix_len = draw(st.integers(0, 20))
+            args["suffix_k"] = tensor(batch, suffix_len, kv_heads, head_dim)
+            args["suffix_v"] = tensor(batch, suffix_len, kv_heads, head_dim)
         option = draw(st.sampled_from(["none", "key_mask", "cu_seqlens"]))
         if option == "key_mask":
-            args["key_mask"] = torch.rand(batch, prefix_len + q_len, generator=g) < 0.7
+            args["key_mask"] = torch.rand(batch, prefix_len + q_len + suffix_len, generator=g) < 0.7
         elif option == "cu_seqlens":  # valid only for batch 1 and no prefix: otherwise both must raise
             cuts = sorted(draw(st.lists(st.integers(0, q_len), max_size=4)))
             args["cu_seqlens"] = torch.tensor([0, *cuts, q_len], dtype=torch.int32)

@@ -342,6 +342,10 @@ def _meta_mixes() -> list[tuple[str, object]]:
         calls.append((f"masked_attention_{name}", lambda fn, a=args: fn.masked_attention(**a)))
     pk = {"q": q, "k": q, "v": q, "prefix_k": q, "prefix_v": q.to("meta")}
     calls.append(("masked_attention_prefix_v", lambda fn, a=pk: fn.masked_attention(**a)))
+    for name in ("suffix_k", "suffix_v"):
+        sx = {"q": q, "k": q, "v": q, "suffix_k": q, "suffix_v": q}
+        sx[name] = q.to("meta")
+        calls.append((f"masked_attention_{name}", lambda fn, a=sx: fn.masked_attention(**a)))
     km = {"q": q, "k": q, "v": q, "key_mask": torch.ones(1, 3, dtype=torch.bool, device="meta")}
     calls.append(("masked_attention_key_mask", lambda fn, a=km: fn.masked_attention(**a)))
     for name in ("cache_k", "cache_v", "k", "v", "cos", "sin"):
@@ -366,6 +370,8 @@ def test_all_meta_still_propagates_shapes() -> None:
     q = torch.empty(1, 3, 4, 8, device="meta")
     kv = torch.empty(1, 3, 2, 8, device="meta")
     assert ops.masked_attention(q, kv, kv).shape == (1, 3, 4, 8)
+    suffix = torch.empty(1, 5, 2, 8, device="meta")
+    assert ops.masked_attention(q, kv, kv, suffix_k=suffix, suffix_v=suffix).shape == (1, 3, 4, 8)
     x0, conf, commit = ops.confident_select(
         torch.empty(4, 9, device="meta"), torch.empty(4, dtype=torch.long, device="meta"), torch.empty(1, device="meta")
     )

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dimple_rt.reference import masked_attention
-from dimple_rt.training.attention import sdpa_attention
+from dimple_rt.training.attention import reference_attention, sdpa_attention
 from dimple_rt.training.data import IGNORE_INDEX
 from dimple_rt.training.losses import NoisedBatch, ar_loss, diffusion_loss, mask_for_diffusion
 
@@ -166,3 +166,50 @@ def test_sdpa_attention_matches_the_reference_with_gradients(case: str) -> None:
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     if causal and lengths is not None:
         assert torch.equal(results[1][0][1, lengths[1] :], torch.zeros_like(results[1][0][1, lengths[1] :]))
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["no_mask", "padded"])
+def test_training_attentions_take_the_suffix(padded: bool) -> None:
+    """sdpa_attention and reference_attention honour suffix_k/suffix_v ([prefix ‖ current ‖ suffix] keys) like
+    the reference, gradients included (also into the suffix), and refuse causal + suffix alike."""
+    batch, length, prefix, suffix, heads, kv_heads, dim = 2, 5, 3, 4, 4, 2, 8
+    generator = torch.Generator().manual_seed(1)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator)
+
+    inputs = [randn(batch, length, heads, dim)] + [
+        randn(batch, n, kv_heads, dim) for n in (length, length, prefix, prefix, suffix, suffix)
+    ]
+    key_mask = None
+    if padded:
+        key_mask = torch.ones(batch, prefix + length + suffix, dtype=torch.bool)
+        key_mask[1, :4] = False  # a padded prefix and a padded query
+        key_mask[1, -2:] = False  # padded suffix keys
+    grad_out = randn(batch, length, heads, dim)
+    results = []
+    for fn in (masked_attention, sdpa_attention, reference_attention):
+        leaves = [x.clone().requires_grad_() for x in inputs]
+        q, k, v, pk, pv, sk, sv = leaves
+        out = fn(q, k, v, pk, pv, key_mask, suffix_k=sk, suffix_v=sv)
+        (out * grad_out).sum().backward()
+        results.append((out.detach(), *(x.grad for x in leaves)))
+        with pytest.raises(ValueError, match="causal attention takes no suffix"):
+            fn(q, k, v, pk, pv, None, None, True, suffix_k=sk, suffix_v=sv)
+    assert results[0][-1].abs().sum() > 0  # the suffix values do receive gradient
+    for got in results[1:]:
+        for expected, g in zip(results[0], got, strict=True):
+            torch.testing.assert_close(g, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_every_attention_fn_has_the_contract_signature() -> None:
+    """Every AttentionFn (reference, kernels, training sdpa/reference) takes the Protocol's parameters, in order."""
+    import inspect
+
+    from dimple_rt import ops, reference
+    from dimple_rt.backend import AttentionFn
+
+    want = [(p.name, p.default) for p in inspect.signature(AttentionFn.__call__).parameters.values()][1:]
+    for fn in (reference.masked_attention, ops.masked_attention, sdpa_attention, reference_attention):
+        got = [(p.name, p.default) for p in inspect.signature(fn).parameters.values()]
+        assert got == want, fn.__qualname__

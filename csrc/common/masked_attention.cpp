@@ -11,7 +11,8 @@ namespace dimple_rt {
 void check_masked_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const std::optional<at::Tensor>& prefix_k, const std::optional<at::Tensor>& prefix_v,
                                  const std::optional<at::Tensor>& key_mask, const std::optional<at::Tensor>& cu_seqlens,
-                                 std::optional<double> scale) {
+                                 bool causal, std::optional<double> scale, const std::optional<at::Tensor>& suffix_k,
+                                 const std::optional<at::Tensor>& suffix_v) {
   // The kernels multiply by the fp32 scale: NaN, inf or <= 0 (also after rounding to fp32) is refused.
   TORCH_CHECK_VALUE(!scale.has_value() || (std::isfinite(static_cast<float>(*scale)) && static_cast<float>(*scale) > 0),
                     "masked_attention: scale must be finite and > 0 (as a float32), got ", scale.value_or(0));
@@ -36,7 +37,8 @@ void check_masked_attention_args(const at::Tensor& q, const at::Tensor& k, const
 
   // Devices before anything reads memory.
   const std::pair<const char*, const std::optional<at::Tensor>*> others[] = {
-      {"prefix_k", &prefix_k}, {"prefix_v", &prefix_v}, {"key_mask", &key_mask}, {"cu_seqlens", &cu_seqlens}};
+      {"prefix_k", &prefix_k}, {"prefix_v", &prefix_v}, {"suffix_k", &suffix_k},
+      {"suffix_v", &suffix_v}, {"key_mask", &key_mask}, {"cu_seqlens", &cu_seqlens}};
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"k", k}, {"v", v}}) {
     TORCH_CHECK_VALUE(t.device() == q.device(), "masked_attention: ", name, " is on ", t.device(), ", q on ",
                       q.device());
@@ -46,28 +48,35 @@ void check_masked_attention_args(const at::Tensor& q, const at::Tensor& k, const
                       (*t)->device(), ", q on ", q.device());
   }
 
-  TORCH_CHECK_VALUE(prefix_k.has_value() == prefix_v.has_value(),
-                    "masked_attention: give both prefix_k and prefix_v or neither");
-  int64_t prefix_len = 0;
-  if (prefix_k.has_value()) {
-    const at::Tensor& pk = *prefix_k;
-    const at::Tensor& pv = *prefix_v;
-    TORCH_CHECK_VALUE(pk.dim() == 4 && pk.sizes() == pv.sizes(), "masked_attention: prefix_k ", shape_str(pk.sizes()),
-                      " and prefix_v ", shape_str(pv.sizes()), " must be equal 4-D");
-    TORCH_CHECK_VALUE(pk.size(0) == batch && pk.size(2) == num_kv_heads && pk.size(3) == head_dim,
-                      "masked_attention: prefix_k must be (batch=", batch, ", prefix_len, kv_heads=", num_kv_heads,
-                      ", head_dim=", head_dim, "), got ", shape_str(pk.sizes()));
-    TORCH_CHECK_TYPE(pk.scalar_type() == q.scalar_type() && pv.scalar_type() == q.scalar_type(),
-                     "masked_attention: prefix_k/prefix_v must have q's dtype ", q.scalar_type(), ", got ",
-                     pk.scalar_type(), ", ", pv.scalar_type());
-    prefix_len = pk.size(1);
-  }
+  // The cached keys before (prefix) and after (suffix) the current ones: (batch, len, kv_heads, head_dim) each.
+  auto cached_len = [&](const char* kname, const char* vname, const char* len_name,
+                        const std::optional<at::Tensor>& ck, const std::optional<at::Tensor>& cv) -> int64_t {
+    TORCH_CHECK_VALUE(ck.has_value() == cv.has_value(), "masked_attention: give both ", kname, " and ", vname,
+                      " or neither");
+    if (!ck.has_value()) return 0;
+    TORCH_CHECK_VALUE(ck->dim() == 4 && ck->sizes() == cv->sizes(), "masked_attention: ", kname, " ",
+                      shape_str(ck->sizes()), " and ", vname, " ", shape_str(cv->sizes()), " must be equal 4-D");
+    TORCH_CHECK_VALUE(ck->size(0) == batch && ck->size(2) == num_kv_heads && ck->size(3) == head_dim,
+                      "masked_attention: ", kname, " must be (batch=", batch, ", ", len_name, ", kv_heads=",
+                      num_kv_heads, ", head_dim=", head_dim, "), got ", shape_str(ck->sizes()));
+    TORCH_CHECK_TYPE(ck->scalar_type() == q.scalar_type() && cv->scalar_type() == q.scalar_type(),
+                     "masked_attention: ", kname, "/", vname, " must have q's dtype ", q.scalar_type(), ", got ",
+                     ck->scalar_type(), ", ", cv->scalar_type());
+    return ck->size(1);
+  };
+  const int64_t prefix_len = cached_len("prefix_k", "prefix_v", "prefix_len", prefix_k, prefix_v);
+  const int64_t suffix_len = cached_len("suffix_k", "suffix_v", "suffix_len", suffix_k, suffix_v);
+  // Suffix keys sit after every query: a causal query could never see them. Refused rather than ignored (an
+  // empty suffix is no suffix, as an empty prefix is no prefix).
+  TORCH_CHECK_VALUE(!causal || suffix_len == 0, "masked_attention: causal attention takes no suffix (suffix_len ",
+                    suffix_len, " > 0)");
   if (key_mask.has_value()) {
     const at::Tensor& mask = *key_mask;
     TORCH_CHECK_TYPE(mask.scalar_type() == at::kBool, "masked_attention: key_mask must be bool, got ",
                      mask.scalar_type());
-    TORCH_CHECK_VALUE(mask.dim() == 2 && mask.size(0) == batch && mask.size(1) == prefix_len + q_len,
-                      "masked_attention: key_mask must be (batch=", batch, ", prefix_len+len=", prefix_len + q_len,
+    const int64_t total = prefix_len + q_len + suffix_len;
+    TORCH_CHECK_VALUE(mask.dim() == 2 && mask.size(0) == batch && mask.size(1) == total,
+                      "masked_attention: key_mask must be (batch=", batch, ", prefix_len+len+suffix_len=", total,
                       "), got ", shape_str(mask.sizes()));
   }
   if (cu_seqlens.has_value()) {
@@ -76,9 +85,9 @@ void check_masked_attention_args(const at::Tensor& q, const at::Tensor& k, const
                      cu.scalar_type());
     TORCH_CHECK_VALUE(cu.dim() == 1 && cu.numel() >= 2,
                       "masked_attention: cu_seqlens must be 1-D with ≥2 entries, got ", shape_str(cu.sizes()));
-    TORCH_CHECK_VALUE(batch == 1 && prefix_len == 0,
-                      "masked_attention: cu_seqlens needs batch 1 and no prefix, got batch ", batch, " and prefix_len ",
-                      prefix_len);
+    TORCH_CHECK_VALUE(batch == 1 && prefix_len == 0 && suffix_len == 0,
+                      "masked_attention: cu_seqlens needs batch 1 and no prefix or suffix, got batch ", batch,
+                      ", prefix_len ", prefix_len, " and suffix_len ", suffix_len);
     TORCH_CHECK_VALUE(!key_mask.has_value(), "masked_attention: cu_seqlens and key_mask cannot be combined");
   }
 }
@@ -98,7 +107,9 @@ MaskedAttentionParams make_masked_attention_params(const at::Tensor& q, const at
                                                    const std::optional<at::Tensor>& prefix_k,
                                                    const std::optional<at::Tensor>& prefix_v,
                                                    const std::optional<at::Tensor>& key_mask, bool causal,
-                                                   std::optional<double> scale, const at::Tensor& out) {
+                                                   std::optional<double> scale,
+                                                   const std::optional<at::Tensor>& suffix_k,
+                                                   const std::optional<at::Tensor>& suffix_v, const at::Tensor& out) {
   MaskedAttentionParams p;
   p.q = q.const_data_ptr();
   p.k = k.const_data_ptr();
@@ -114,6 +125,13 @@ MaskedAttentionParams make_masked_attention_params(const at::Tensor& q, const at
     p.prefix_k_stride = strides4(*prefix_k);
     p.prefix_v_stride = strides4(*prefix_v);
     p.prefix_len = prefix_k->size(1);
+  }
+  if (suffix_k.has_value()) {
+    p.suffix_k = suffix_k->const_data_ptr();
+    p.suffix_v = suffix_v->const_data_ptr();
+    p.suffix_k_stride = strides4(*suffix_k);
+    p.suffix_v_stride = strides4(*suffix_v);
+    p.suffix_len = suffix_k->size(1);
   }
   if (key_mask.has_value()) {
     p.key_mask = key_mask->const_data_ptr<bool>();

@@ -1,10 +1,14 @@
 // SPDX-License-Identifier: Apache-2.0
-// masked_attention on the CPU: attention of the current tokens over [prefix ‖ current] keys in one pass.
+// masked_attention on the CPU: attention of the current tokens over [prefix ‖ current ‖ suffix] keys in one
+// pass.
 //
 // What: out[b,i,h] = Σ_j softmax_j(scale · q[b,i,h]·key[b,j,h/G]) · value[b,j,h/G] over the keys j that query
 // i (absolute position prefix_len+i) may see: key mask with Dimple's forced diagonal, causal, or the
 // block-diagonal segments of cu_seqlens (dimple_rt/reference.py::attention_allowed is the definition).
-// Key j < prefix_len is read from prefix_k/prefix_v in place, through their strides: nothing is concatenated.
+// Keys are numbered by absolute position: j < prefix_len is read from prefix_k/prefix_v, j < prefix_len + len
+// from k/v, the rest from suffix_k/suffix_v (the dual cache's suffix), each in place through its own strides:
+// nothing is concatenated or allocated per call beyond the per-thread scratch. A key tile may straddle two
+// segments; each row of it is fetched from its own segment when the tile is loaded.
 //
 // Layout: (batch, seq, head, head_dim) tensors with arbitrary strides; out is allocated contiguous.
 //
@@ -151,7 +155,7 @@ struct RowRange {
 
 RowRange row_range(const MaskedAttentionParams& p, int64_t b, int64_t i) {
   const int64_t pos = p.prefix_len + i;  // the query's own absolute position
-  RowRange r{0, p.prefix_len + p.q_len, p.key_mask != nullptr};
+  RowRange r{0, p.prefix_len + p.q_len + p.suffix_len, p.key_mask != nullptr};
   if (p.cu_seqlens != nullptr) {  // the segment [c[s], c[s+1]) holding i; empty segments are skipped over
     const int64_t* c = p.cu_seqlens;
     const int64_t* above =
@@ -159,7 +163,7 @@ RowRange row_range(const MaskedAttentionParams& p, int64_t b, int64_t i) {
     r.lo = *(above - 1);
     r.hi = *above;
   }
-  if (p.causal) r.hi = std::min(r.hi, pos + 1);
+  if (p.causal) r.hi = std::min(r.hi, pos + 1);  // (causal calls have no suffix: checked)
   if (p.key_mask != nullptr && !p.key_mask[b * p.key_mask_batch_stride + pos * p.key_mask_seq_stride]) {
     // A padded query: bidirectional rows see only themselves (Dimple's forced diagonal), causal rows nothing.
     r = p.causal ? RowRange{0, 0, false} : RowRange{pos, pos + 1, false};
@@ -169,12 +173,33 @@ RowRange row_range(const MaskedAttentionParams& p, int64_t b, int64_t i) {
 
 template <typename T>
 void masked_attention_kernel(const MaskedAttentionParams& p) {
-  const int64_t G = p.groups, D = p.head_dim, Dp = round_up(D, kVec), P = p.prefix_len;
+  const int64_t G = p.groups, D = p.head_dim, Dp = round_up(D, kVec), P = p.prefix_len, PL = P + p.q_len;
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
   const T* pk = static_cast<const T*>(p.prefix_k);
   const T* pv = static_cast<const T*>(p.prefix_v);
+  const T* sk = static_cast<const T*>(p.suffix_k);
+  const T* sv = static_cast<const T*>(p.suffix_v);
+  // Key/value row j (absolute position) of batch b, kv head hk, from the segment that holds it.
+  auto key_row = [&](int64_t b, int64_t hk, int64_t j, const T*& ks, int64_t& kd, const T*& vs, int64_t& vd) {
+    if (j < P) {
+      ks = pk + b * p.prefix_k_stride.batch + j * p.prefix_k_stride.seq + hk * p.prefix_k_stride.head;
+      vs = pv + b * p.prefix_v_stride.batch + j * p.prefix_v_stride.seq + hk * p.prefix_v_stride.head;
+      kd = p.prefix_k_stride.dim;
+      vd = p.prefix_v_stride.dim;
+    } else if (j < PL) {
+      ks = k + b * p.k_stride.batch + (j - P) * p.k_stride.seq + hk * p.k_stride.head;
+      vs = v + b * p.v_stride.batch + (j - P) * p.v_stride.seq + hk * p.v_stride.head;
+      kd = p.k_stride.dim;
+      vd = p.v_stride.dim;
+    } else {
+      ks = sk + b * p.suffix_k_stride.batch + (j - PL) * p.suffix_k_stride.seq + hk * p.suffix_k_stride.head;
+      vs = sv + b * p.suffix_v_stride.batch + (j - PL) * p.suffix_v_stride.seq + hk * p.suffix_v_stride.head;
+      kd = p.suffix_k_stride.dim;
+      vd = p.suffix_v_stride.dim;
+    }
+  };
   T* out = static_cast<T*>(p.out);
 
   // Queries per item: about kTargetRows rows, fewer when that would leave threads idle.
@@ -202,7 +227,7 @@ void masked_attention_kernel(const MaskedAttentionParams& p) {
       const int64_t i0 = qt * tq, nt = std::min(tq, p.q_len - i0);
       const int64_t rows = G * nt, rows_p = round_up(rows, kRowBlock);  // row r = g·nt + t: head hk·G+g, query i0+t
 
-      int64_t key_lo = P + p.q_len, key_hi = 0;  // union of the rows' ranges
+      int64_t key_lo = PL + p.suffix_len, key_hi = 0;  // union of the rows' ranges
       for (int64_t t = 0; t < nt; ++t) {
         ranges[t] = row_range(p, b, i0 + t);
         if (ranges[t].lo < ranges[t].hi) {
@@ -226,15 +251,9 @@ void masked_attention_kernel(const MaskedAttentionParams& p) {
         const int64_t nk = std::min(kKeyTile, key_hi - j0);
         const int64_t nk_v = round_up(nk, kVec);  // columns handled as whole vectors; [nk, nk_v) are -inf
         for (int64_t jj = 0; jj < nk; ++jj) {
-          const int64_t j = j0 + jj;
-          const T* ks = j < P
-                            ? pk + b * p.prefix_k_stride.batch + j * p.prefix_k_stride.seq + hk * p.prefix_k_stride.head
-                            : k + b * p.k_stride.batch + (j - P) * p.k_stride.seq + hk * p.k_stride.head;
-          const T* vs = j < P
-                            ? pv + b * p.prefix_v_stride.batch + j * p.prefix_v_stride.seq + hk * p.prefix_v_stride.head
-                            : v + b * p.v_stride.batch + (j - P) * p.v_stride.seq + hk * p.v_stride.head;
-          const int64_t kd = j < P ? p.prefix_k_stride.dim : p.k_stride.dim;
-          const int64_t vd = j < P ? p.prefix_v_stride.dim : p.v_stride.dim;
+          const T *ks, *vs;
+          int64_t kd, vd;
+          key_row(b, hk, j0 + jj, ks, kd, vs, vd);
           load_row(ks, kd, D, kbuf.data() + jj * Dp);
           load_row(vs, vd, D, vbuf.data() + jj * Dp);
         }
@@ -322,8 +341,9 @@ void masked_attention_kernel(const MaskedAttentionParams& p) {
 at::Tensor masked_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const std::optional<at::Tensor>& prefix_k, const std::optional<at::Tensor>& prefix_v,
                                 const std::optional<at::Tensor>& key_mask, const std::optional<at::Tensor>& cu_seqlens,
-                                bool causal, std::optional<double> scale) {
-  check_masked_attention_args(q, k, v, prefix_k, prefix_v, key_mask, cu_seqlens, scale);
+                                bool causal, std::optional<double> scale, const std::optional<at::Tensor>& suffix_k,
+                                const std::optional<at::Tensor>& suffix_v) {
+  check_masked_attention_args(q, k, v, prefix_k, prefix_v, key_mask, cu_seqlens, causal, scale, suffix_k, suffix_v);
   TORCH_CHECK_VALUE(q.device().is_cpu(), "masked_attention_cpu: q must be on the CPU, got ", q.device());
 
   std::vector<int64_t> segments;  // cu_seqlens widened to int64, read through its stride
@@ -336,7 +356,7 @@ at::Tensor masked_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
   at::Tensor out = at::empty(q.sizes(), q.options());  // contiguous (batch, len, heads, head_dim)
   if (out.numel() == 0) return out;
   MaskedAttentionParams params =
-      make_masked_attention_params(q, k, v, prefix_k, prefix_v, key_mask, causal, scale, out);
+      make_masked_attention_params(q, k, v, prefix_k, prefix_v, key_mask, causal, scale, suffix_k, suffix_v, out);
   if (!segments.empty()) {
     params.cu_seqlens = segments.data();
     params.num_segments = static_cast<int64_t>(segments.size()) - 1;

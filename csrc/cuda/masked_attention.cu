@@ -22,14 +22,18 @@ namespace dimple_rt {
 at::Tensor masked_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const std::optional<at::Tensor>& prefix_k, const std::optional<at::Tensor>& prefix_v,
                                  const std::optional<at::Tensor>& key_mask, const std::optional<at::Tensor>& cu_seqlens,
-                                 bool causal, std::optional<double> scale) {
-  check_masked_attention_args(q, k, v, prefix_k, prefix_v, key_mask, cu_seqlens, scale);
+                                 bool causal, std::optional<double> scale, const std::optional<at::Tensor>& suffix_k,
+                                 const std::optional<at::Tensor>& suffix_v) {
+  check_masked_attention_args(q, k, v, prefix_k, prefix_v, key_mask, cu_seqlens, causal, scale, suffix_k, suffix_v);
   TORCH_CHECK_VALUE(q.is_cuda(), "masked_attention_cuda: q must be on a CUDA device, got ", q.device());
   TORCH_CHECK_VALUE(q.size(3) <= cuda::attention::kMaxHeadDim, "masked_attention: the CUDA kernels support head_dim <= ",
                     cuda::attention::kMaxHeadDim, ", got ", q.size(3));
   TORCH_CHECK_VALUE(q.size(1) * (q.size(2) / k.size(2)) < (int64_t{1} << 31) &&
-                        q.size(1) + (prefix_k.has_value() ? prefix_k->size(1) : 0) < (int64_t{1} << 31),
-                    "masked_attention: the CUDA kernels need prefix_len + len and len * (heads / kv_heads) below 2^31");
+                        q.size(1) + (prefix_k.has_value() ? prefix_k->size(1) : 0) +
+                                (suffix_k.has_value() ? suffix_k->size(1) : 0) <
+                            (int64_t{1} << 31),
+                    "masked_attention: the CUDA kernels need prefix_len + len + suffix_len and len * (heads / "
+                    "kv_heads) below 2^31");
   TORCH_CHECK_VALUE(k.size(0) <= 65535 && k.size(2) <= 65535,
                     "masked_attention: the CUDA kernels support batch and kv_heads up to 65535 (grid y/z), got batch ",
                     k.size(0), " and kv_heads ", k.size(2));
@@ -44,7 +48,8 @@ at::Tensor masked_attention_cuda(const at::Tensor& q, const at::Tensor& k, const
   at::Tensor out = at::empty(q.sizes(), q.options());  // contiguous (batch, len, heads, head_dim)
   if (out.numel() == 0) return out;
 
-  MaskedAttentionParams p = make_masked_attention_params(q, k, v, prefix_k, prefix_v, key_mask, causal, scale, out);
+  MaskedAttentionParams p =
+      make_masked_attention_params(q, k, v, prefix_k, prefix_v, key_mask, causal, scale, suffix_k, suffix_v, out);
   if (cu_seqlens.has_value()) {
     p.cu_seqlens = cu64.const_data_ptr<int64_t>();
     p.num_segments = cu64.numel() - 1;

@@ -66,8 +66,7 @@ class DecoderAttention(nn.Module):
         k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)  # (B, L, Hkv, D)
         v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)  # (B, L, Hkv, D)
         q = apply_rotary(q, ctx.cos, ctx.sin)
-        prefix_k = prefix_v = None
-        suffix: dict[str, torch.Tensor] = {}  # the dual cache's (B, S, Hkv, D) suffix views, when it has one
+        prefix_k = prefix_v = suffix_k = suffix_v = None
         if ctx.cache is None:
             k = apply_rotary(k, ctx.cos, ctx.sin)
         else:
@@ -77,11 +76,11 @@ class DecoderAttention(nn.Module):
             k, v = cache_k[:, start:end], cache_v[:, start:end]  # (B, L, Hkv, D) views
             if start:
                 prefix_k, prefix_v = cache_k[:, :start], cache_v[:, :start]  # (B, start, Hkv, D) views
-            if ctx.cache_suffix:
+            if ctx.cache_suffix:  # the dual cache's suffix: (B, S, Hkv, D) views, read in place
                 suffix_end = end + ctx.cache_suffix
-                suffix["suffix_k"], suffix["suffix_v"] = cache_k[:, end:suffix_end], cache_v[:, end:suffix_end]
+                suffix_k, suffix_v = cache_k[:, end:suffix_end], cache_v[:, end:suffix_end]
         out = ctx.backend.attention(
-            q, k, v, prefix_k, prefix_v, ctx.key_mask, None, ctx.causal, **suffix
+            q, k, v, prefix_k, prefix_v, ctx.key_mask, None, ctx.causal, suffix_k=suffix_k, suffix_v=suffix_v
         )  # (B, L, H, D)
         return self.o_proj(out.reshape(batch, length, self.num_heads * self.head_dim))
 

@@ -20,16 +20,15 @@ from dimple_rt.reference import attention_allowed, check_masked_attention_args, 
 MaybeTensor = torch.Tensor | None
 
 
-def _autocast_inputs(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: MaybeTensor, prefix_v: MaybeTensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, MaybeTensor, MaybeTensor]:
+def _autocast_inputs(*tensors: MaybeTensor) -> tuple[MaybeTensor, ...]:
     """Under autocast the rotary tables stay fp32, so q/k come out fp32 while v is bf16; attention runs in the
     autocast dtype anyway, so bring all of them there. Without autocast the inputs pass unchanged."""
-    if not torch.is_autocast_enabled(q.device.type):
-        return q, k, v, prefix_k, prefix_v
-    dtype = torch.get_autocast_dtype(q.device.type)
-    cast = [None if x is None else x.to(dtype) for x in (q, k, v, prefix_k, prefix_v)]
-    return cast[0], cast[1], cast[2], cast[3], cast[4]
+    first = tensors[0]
+    assert first is not None
+    if not torch.is_autocast_enabled(first.device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(first.device.type)
+    return tuple(None if x is None else x.to(dtype) for x in tensors)
 
 
 def reference_attention(
@@ -42,10 +41,13 @@ def reference_attention(
     cu_seqlens: torch.Tensor | None = None,
     causal: bool = False,
     scale: float | None = None,
+    suffix_k: torch.Tensor | None = None,
+    suffix_v: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`dimple_rt.reference.masked_attention` (differentiable plain torch), usable under autocast."""
-    q, k, v, prefix_k, prefix_v = _autocast_inputs(q, k, v, prefix_k, prefix_v)
-    return masked_attention(q, k, v, prefix_k, prefix_v, key_mask, cu_seqlens, causal, scale)
+    q, k, v, prefix_k, prefix_v, suffix_k, suffix_v = _autocast_inputs(q, k, v, prefix_k, prefix_v, suffix_k, suffix_v)
+    assert q is not None and k is not None and v is not None
+    return masked_attention(q, k, v, prefix_k, prefix_v, key_mask, cu_seqlens, causal, scale, suffix_k, suffix_v)
 
 
 def sdpa_attention(
@@ -58,25 +60,31 @@ def sdpa_attention(
     cu_seqlens: torch.Tensor | None = None,
     causal: bool = False,
     scale: float | None = None,
+    suffix_k: torch.Tensor | None = None,
+    suffix_v: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Same arguments and result as :func:`dimple_rt.reference.masked_attention`, differentiable, in q's dtype.
 
     q: (batch, len, heads, head_dim); k, v: (batch, len, kv_heads, head_dim) → (batch, len, heads, head_dim).
+    The keys are ``[prefix ‖ current ‖ suffix]`` (concatenated here: SDPA takes one key tensor).
     """
-    q, k, v, prefix_k, prefix_v = _autocast_inputs(q, k, v, prefix_k, prefix_v)
-    check_masked_attention_args(q, k, v, prefix_k, prefix_v, key_mask, cu_seqlens, scale)
+    q, k, v, prefix_k, prefix_v, suffix_k, suffix_v = _autocast_inputs(q, k, v, prefix_k, prefix_v, suffix_k, suffix_v)
+    assert q is not None and k is not None and v is not None
+    check_masked_attention_args(q, k, v, prefix_k, prefix_v, key_mask, cu_seqlens, scale, suffix_k, suffix_v, causal)
     batch, q_len, num_heads, _ = q.shape
-    if prefix_k is not None:
-        assert prefix_v is not None
-        k = torch.cat([prefix_k, k], dim=1)  # (batch, total, kv_heads, head_dim)
-        v = torch.cat([prefix_v, v], dim=1)
-    prefix_len = k.shape[1] - q_len
+    prefix_len = 0 if prefix_k is None else prefix_k.shape[1]
+    suffix_len = 0 if suffix_k is None else suffix_k.shape[1]
+    if prefix_len or suffix_len:
+        k = torch.cat([x for x in (prefix_k, k, suffix_k) if x is not None], dim=1)  # (batch, total, kv_heads, D)
+        v = torch.cat([x for x in (prefix_v, v, suffix_v) if x is not None], dim=1)
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # (batch, heads, len, head_dim)
     gqa = num_heads != k.shape[2]
-    if key_mask is None and cu_seqlens is None and prefix_len == 0:
+    if key_mask is None and cu_seqlens is None and prefix_len == 0 and suffix_len == 0:
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, scale=scale, enable_gqa=gqa)
         return out.transpose(1, 2)  # (batch, len, heads, head_dim)
-    allowed = attention_allowed(batch, q_len, prefix_len, key_mask, cu_seqlens, causal, q.device)  # (B, Lq, total)
+    allowed = attention_allowed(
+        batch, q_len, prefix_len, key_mask, cu_seqlens, causal, q.device, suffix_len
+    )  # (B, Lq, total)
     empty = ~allowed.any(dim=-1)  # (B, Lq): only causal padded rows
     if bool(empty.any()):
         # Let an empty row see its own key so that SDPA stays finite, then zero it: the reference's result.

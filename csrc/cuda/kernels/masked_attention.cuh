@@ -1,11 +1,13 @@
 // SPDX-License-Identifier: Apache-2.0
-// masked_attention (CUDA device code): attention of the current tokens over [prefix ‖ current] keys with an
-// online softmax, FlashAttention-2 style. Semantics: dimple_rt/reference.py masked_attention.
+// masked_attention (CUDA device code): attention of the current tokens over [prefix ‖ current ‖ suffix] keys
+// with an online softmax, FlashAttention-2 style. Semantics: dimple_rt/reference.py masked_attention.
 //
 // Layout: q (batch, q_len, heads, head_dim), k/v (batch, q_len, kv_heads, head_dim), prefix_k/prefix_v
-// (batch, prefix_len, kv_heads, head_dim), any strides (16-byte vector loads where the head_dim stride is 1
-// and the pointer and other strides are 16-byte aligned, element loads otherwise). Key j < prefix_len is read
-// straight from the cache tensors, key j >= prefix_len from k/v: nothing is concatenated.
+// (batch, prefix_len, kv_heads, head_dim), suffix_k/suffix_v (batch, suffix_len, kv_heads, head_dim), any
+// strides (16-byte vector loads where the head_dim stride is 1 and the pointer and other strides of every
+// segment are 16-byte aligned, element loads otherwise). Keys are numbered by absolute position: j <
+// prefix_len is read straight from the prefix cache tensors, j < prefix_len + q_len from k/v, the rest from
+// the suffix cache tensors (the dual cache): nothing is concatenated. Causal calls have no suffix (checked).
 //
 // GQA packing: the rows of a tile are (query, head-in-group) pairs of ONE kv head, row = i·groups + h % groups,
 // so the 7 query heads that share a kv head (Dimple-7B 28:4) share every K/V tile that is loaded: a decode
@@ -53,7 +55,7 @@ struct RowInfo {
   bool real = true;    // key_mask at the query's own position (true without a mask)
   int qpos = 0;        // absolute position prefix_len + i
   int seg_lo = 0;      // first visible key (cu_seqlens segment start, else 0)
-  int seg_hi = 0;      // one past the last visible key (segment end / causal limit / total)
+  int seg_hi = 0;      // one past the last visible key (segment end / causal limit / total incl. suffix)
   int i = 0, h = 0;    // query index and query head
 };
 
@@ -75,7 +77,7 @@ __device__ __forceinline__ void segment_of(const int64_t* cu, int64_t num_segmen
 
 __device__ __forceinline__ RowInfo row_info(const MaskedAttentionParams& p, int64_t b, int64_t kvh, int64_t row) {
   RowInfo r;
-  const int64_t total = p.prefix_len + p.q_len;
+  const int64_t total = p.prefix_len + p.q_len + p.suffix_len;
   r.valid = row < p.q_len * p.groups;
   if (!r.valid) return r;
   r.i = static_cast<int>(row / p.groups);
@@ -103,9 +105,9 @@ __device__ __forceinline__ bool visible(const MaskedAttentionParams& p, const Ro
 }
 
 // The keys [lo, hi) that any row in [row0, row1) can see.
-__device__ __forceinline__ void tile_key_range(const MaskedAttentionParams& p, int64_t row0, int64_t row1,
-                                               int64_t* lo, int64_t* hi) {
-  const int64_t total = p.prefix_len + p.q_len;
+__device__ __forceinline__ void tile_key_range(const MaskedAttentionParams& p, int64_t row0, int64_t row1, int64_t* lo,
+                                               int64_t* hi) {
+  const int64_t total = p.prefix_len + p.q_len + p.suffix_len;
   const int64_t i0 = row0 / p.groups, i1 = (min(row1, p.q_len * p.groups) - 1) / p.groups;
   *lo = 0;
   *hi = total;
@@ -125,13 +127,39 @@ __device__ __forceinline__ bool vec_ok(const void* ptr, const Strides4& s) {
          s.seq % kElems == 0 && s.head % kElems == 0;
 }
 
-// Row pointers of the keys/values: j < prefix_len from the cache, else from the current tokens.
+// vec_ok for a cached segment that may be absent or empty (then it never constrains the loads).
 template <typename T>
-__device__ __forceinline__ const T* kv_row(const void* prefix, const Strides4& ps, const void* cur,
-                                           const Strides4& cs, int64_t prefix_len, int64_t b, int64_t j,
-                                           int64_t kvh) {
-  if (j < prefix_len) return static_cast<const T*>(prefix) + b * ps.batch + j * ps.seq + kvh * ps.head;
-  return static_cast<const T*>(cur) + b * cs.batch + (j - prefix_len) * cs.seq + kvh * cs.head;
+__device__ __forceinline__ bool segment_vec_ok(int64_t len, const void* ptr, const Strides4& s) {
+  return len == 0 || vec_ok<T>(ptr, s);
+}
+
+// One row of a tile: its first element and the element stride along head_dim (nullptr: a zero row).
+template <typename T>
+struct RowRef {
+  const T* ptr;
+  int64_t dim_stride;
+};
+
+// Key (kValues = false) or value (true) row j (absolute position) of batch b, kv head kvh: j < prefix_len from
+// the prefix cache, j < prefix_len + q_len from the current tokens, else from the suffix cache. Written as
+// selects rather than branches on a stride pointer: ptxas then keeps the fp32 kernel at 104 registers (sm_80)
+// instead of 132 (100 before the suffix); the tensor-core kernels stay within 8 of before (same blocks/SM).
+template <typename T, bool kValues>
+__device__ __forceinline__ RowRef<T> kv_row(const MaskedAttentionParams& p, int64_t b, int64_t j, int64_t kvh) {
+  const int64_t cur_end = p.prefix_len + p.q_len;
+  const bool pre = j < p.prefix_len, cur = j < cur_end;
+  const Strides4& ps = kValues ? p.prefix_v_stride : p.prefix_k_stride;
+  const Strides4& cs = kValues ? p.v_stride : p.k_stride;
+  const Strides4& ss = kValues ? p.suffix_v_stride : p.suffix_k_stride;
+  const void* base = pre   ? (kValues ? p.prefix_v : p.prefix_k)
+                     : cur ? (kValues ? p.v : p.k)
+                           : (kValues ? p.suffix_v : p.suffix_k);
+  const int64_t jj = pre ? j : cur ? j - p.prefix_len : j - cur_end;
+  const int64_t sb = pre ? ps.batch : cur ? cs.batch : ss.batch;
+  const int64_t sq = pre ? ps.seq : cur ? cs.seq : ss.seq;
+  const int64_t sh = pre ? ps.head : cur ? cs.head : ss.head;
+  const int64_t sd = pre ? ps.dim : cur ? cs.dim : ss.dim;
+  return {static_cast<const T*>(base) + b * sb + jj * sq + kvh * sh, sd};
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -192,13 +220,6 @@ struct TcConfig {
   static constexpr int kStride = kD + 8;  // shared row stride in elements (+16 bytes: conflict-free ldmatrix)
 };
 
-// One row of a tile: its first element and the element stride along head_dim (nullptr: a zero row).
-template <typename T>
-struct RowRef {
-  const T* ptr;
-  int64_t dim_stride;
-};
-
 // Fills rows [0, kRows) of a shared tile (row stride kStride) from row_ref(r); channels >= head_dim are zero.
 // vec: every non-null row allows 16-byte loads (head_dim stride 1, 16-byte aligned).
 template <typename T, int kD, int kRows, int kStride, int kThreads, typename RowRefFn>
@@ -224,8 +245,7 @@ __device__ __forceinline__ void load_tile(T* smem, RowRefFn row_ref, int head_di
 }
 
 template <typename T, int kD>
-__global__ void __launch_bounds__(TcConfig<kD>::kThreads, 1)
-    masked_attention_tc_kernel(const MaskedAttentionParams p) {
+__global__ void __launch_bounds__(TcConfig<kD>::kThreads, 1) masked_attention_tc_kernel(const MaskedAttentionParams p) {
   using Cfg = TcConfig<kD>;
   constexpr int kM = Cfg::kBlockM, kN = Cfg::kBlockN, kS = Cfg::kStride, kThreads = Cfg::kThreads;
   constexpr int kDSteps = kD / 16;  // k-steps of S = Q·Kᵀ
@@ -268,8 +288,10 @@ __global__ void __launch_bounds__(TcConfig<kD>::kThreads, 1)
 
   int64_t kv_lo, kv_hi;
   tile_key_range(p, row0, row0 + kM, &kv_lo, &kv_hi);
-  const bool vec_k = vec_ok<T>(p.k, p.k_stride) && (p.prefix_len == 0 || vec_ok<T>(p.prefix_k, p.prefix_k_stride));
-  const bool vec_v = vec_ok<T>(p.v, p.v_stride) && (p.prefix_len == 0 || vec_ok<T>(p.prefix_v, p.prefix_v_stride));
+  const bool vec_k = vec_ok<T>(p.k, p.k_stride) && segment_vec_ok<T>(p.prefix_len, p.prefix_k, p.prefix_k_stride) &&
+                     segment_vec_ok<T>(p.suffix_len, p.suffix_k, p.suffix_k_stride);
+  const bool vec_v = vec_ok<T>(p.v, p.v_stride) && segment_vec_ok<T>(p.prefix_len, p.prefix_v, p.prefix_v_stride) &&
+                     segment_vec_ok<T>(p.suffix_len, p.suffix_v, p.suffix_v_stride);
   const bool plain = p.key_mask == nullptr && !p.causal && p.cu_seqlens == nullptr;  // no mask to evaluate
   const float scale_log2 = p.scale * kLog2e;
 
@@ -284,8 +306,7 @@ __global__ void __launch_bounds__(TcConfig<kD>::kThreads, 1)
         [&p, j0, kv_hi, b, kvh](int r) -> RowRef<T> {
           const int64_t j = j0 + r;
           if (j >= kv_hi) return {nullptr, 0};
-          return {kv_row<T>(p.prefix_k, p.prefix_k_stride, p.k, p.k_stride, p.prefix_len, b, j, kvh),
-                  j < p.prefix_len ? p.prefix_k_stride.dim : p.k_stride.dim};
+          return kv_row<T, false>(p, b, j, kvh);
         },
         head_dim, vec_k);
     load_tile<T, kD, kN, kS, kThreads>(
@@ -293,14 +314,13 @@ __global__ void __launch_bounds__(TcConfig<kD>::kThreads, 1)
         [&p, j0, kv_hi, b, kvh](int r) -> RowRef<T> {
           const int64_t j = j0 + r;
           if (j >= kv_hi) return {nullptr, 0};
-          return {kv_row<T>(p.prefix_v, p.prefix_v_stride, p.v, p.v_stride, p.prefix_len, b, j, kvh),
-                  j < p.prefix_len ? p.prefix_v_stride.dim : p.v_stride.dim};
+          return kv_row<T, true>(p, b, j, kvh);
         },
         head_dim, vec_v);
     if (threadIdx.x < kN) {
       const int64_t j = j0 + threadIdx.x;
-      s_mask[threadIdx.x] = j < kv_hi && (p.key_mask == nullptr ||
-                                          p.key_mask[b * p.key_mask_batch_stride + j * p.key_mask_seq_stride]);
+      s_mask[threadIdx.x] =
+          j < kv_hi && (p.key_mask == nullptr || p.key_mask[b * p.key_mask_batch_stride + j * p.key_mask_seq_stride]);
     }
     __syncthreads();
 
@@ -404,8 +424,8 @@ __global__ void __launch_bounds__(TcConfig<kD>::kThreads, 1)
 struct F32Config {
   static constexpr int kThreads = 128;
   static constexpr int kRowsPerWarp = 4;
-  static constexpr int kBlockM = 4 * kRowsPerWarp;  // 16 rows
-  static constexpr int kBlockN = 32;                // one key per lane
+  static constexpr int kBlockM = 4 * kRowsPerWarp;    // 16 rows
+  static constexpr int kBlockN = 32;                  // one key per lane
   static constexpr int kChannels = kMaxHeadDim / 32;  // channels per lane in P·V
 };
 
@@ -457,18 +477,17 @@ __global__ void __launch_bounds__(F32Config::kThreads) masked_attention_f32_kern
       const int64_t j = j0 + r;
       float kx = 0.0f, vx = 0.0f;
       if (j < kv_hi && d < head_dim) {
-        kx = kv_row<float>(p.prefix_k, p.prefix_k_stride, p.k, p.k_stride, p.prefix_len, b, j, kvh)
-            [d * (j < p.prefix_len ? p.prefix_k_stride.dim : p.k_stride.dim)];
-        vx = kv_row<float>(p.prefix_v, p.prefix_v_stride, p.v, p.v_stride, p.prefix_len, b, j, kvh)
-            [d * (j < p.prefix_len ? p.prefix_v_stride.dim : p.v_stride.dim)];
+        const RowRef<float> kr = kv_row<float, false>(p, b, j, kvh), vr = kv_row<float, true>(p, b, j, kvh);
+        kx = kr.ptr[d * kr.dim_stride];
+        vx = vr.ptr[d * vr.dim_stride];
       }
       s_k[r][d] = kx;
       s_v[r][d] = vx;
     }
     if (threadIdx.x < kN) {
       const int64_t j = j0 + threadIdx.x;
-      s_mask[threadIdx.x] = j < kv_hi && (p.key_mask == nullptr ||
-                                          p.key_mask[b * p.key_mask_batch_stride + j * p.key_mask_seq_stride]);
+      s_mask[threadIdx.x] =
+          j < kv_hi && (p.key_mask == nullptr || p.key_mask[b * p.key_mask_batch_stride + j * p.key_mask_seq_stride]);
     }
     __syncthreads();
 
