@@ -369,6 +369,26 @@ def test_torch_compile() -> None:
         torch.distributions.Distribution.set_default_validate_args(validate_args)
 
 
+def test_torch_compile_with_suffix() -> None:
+    """The dual cache's call traced whole: prefix/current/suffix sliced from one cache buffer inside the graph."""
+    g = torch.Generator().manual_seed(2)
+    cache_k, cache_v = torch.randn(2, 30, 2, 32, generator=g), torch.randn(2, 30, 2, 32, generator=g)
+    q = torch.randn(2, 6, 4, 32, generator=g)
+    key_mask = _suffix_mask(2, 7, 6, 15)
+
+    def attend(q, ck, cv, mask):
+        return masked_attention(
+            q, ck[:, 7:13], cv[:, 7:13], ck[:, :7], cv[:, :7], mask, suffix_k=ck[:, 13:28], suffix_v=cv[:, 13:28]
+        )
+
+    validate_args = torch.distributions.Distribution._validate_args
+    try:
+        compiled = torch.compile(attend, fullgraph=True)
+        torch.testing.assert_close(compiled(q, cache_k, cache_v, key_mask), attend(q, cache_k, cache_v, key_mask))
+    finally:
+        torch.distributions.Distribution.set_default_validate_args(validate_args)
+
+
 def _bad(**changes) -> dict:
     args = _attention_inputs(2, 5, 3, 4, 2, 16, torch.float32)
     args.update(changes)
