@@ -15,7 +15,6 @@ Forwards are counted by wrapping the model's ``forward``.
 """
 
 import json
-import os
 import sys
 import tempfile
 import time
@@ -54,24 +53,24 @@ def main() -> None:
         return inner(*args, **kwargs)
 
     model.forward = counted
-    kwargs = dict(
-        attention_mask=inputs["attention_mask"],
-        pixel_values=inputs["pixel_values"],
-        image_grid_thw=inputs["image_grid_thw"],
-        max_new_tokens=inputs["max_new_tokens"],
-        steps=inputs["max_new_tokens"],
-        temperature=0.0,
-        alg="maskgit_plus",
-        alg_p_threshold=0.95,
-        use_original_confidence=True,
-        decoding_pipeline="dim",
-        use_cache=True,
-        output_history=False,
-        return_dict_in_generate=True,
-        mask_token_id=inputs["mask_token_id"],
-        pad_token_id=inputs["pad_token_id"],
-        eos_token_id=inputs["eos_token_id"],
-    )
+    kwargs = {
+        "attention_mask": inputs["attention_mask"],
+        "pixel_values": inputs["pixel_values"],
+        "image_grid_thw": inputs["image_grid_thw"],
+        "max_new_tokens": inputs["max_new_tokens"],
+        "steps": inputs["max_new_tokens"],
+        "temperature": 0.0,
+        "alg": "maskgit_plus",
+        "alg_p_threshold": 0.95,
+        "use_original_confidence": True,
+        "decoding_pipeline": "dim",
+        "use_cache": True,
+        "output_history": False,
+        "return_dict_in_generate": True,
+        "mask_token_id": inputs["mask_token_id"],
+        "pad_token_id": inputs["pad_token_id"],
+        "eos_token_id": inputs["eos_token_id"],
+    }
     print("ready", flush=True)
     for line in sys.stdin:
         if line.strip() != "run":
@@ -82,7 +81,7 @@ def main() -> None:
             out = model.diffusion_generate(inputs["input_ids"], **kwargs)
             seconds = time.perf_counter() - start
         seq = out.sequences if hasattr(out, "sequences") else out
-        tokens = seq[0, inputs["input_ids"].shape[1]:].tolist()
+        tokens = seq[0, inputs["input_ids"].shape[1] :].tolist()
         print(json.dumps({"seconds": seconds, "forwards": count[0], "tokens": tokens}), flush=True)
 
 

@@ -86,8 +86,9 @@ def tokens_per_forward(kwargs: dict, prompt_len: int, forwards: int) -> list[int
     return out
 
 
-def floor_seconds(tokens: list[int], layer_params: int, head_params: int, nbytes: int, rate: float, bw: float,
-                  prompt_len: int) -> float:
+def floor_seconds(
+    tokens: list[int], layer_params: int, head_params: int, nbytes: int, rate: float, bw: float, prompt_len: int
+) -> float:
     total = 0.0
     for t in tokens:
         canvas_rows = min(t, MAX_NEW) / 2
@@ -105,7 +106,11 @@ class Authors:
         env.pop("PYTHONPATH", None)
         self.proc = subprocess.Popen(
             [python, str(HERE / "speed_authors_worker.py"), checkout, str(checkpoint), str(inputs)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=env,
         )
         line = self.proc.stdout.readline().strip()
         if line != "ready":
@@ -128,8 +133,11 @@ def main(rounds: int) -> None:
 
     isa = torch.backends.cpu.get_cpu_capability()
     print(f"dimple_rt from {dimple_rt.__file__}")
-    print(f"{datetime.date.today()}, torch {torch.__version__}, ISA {isa}, bf16 GEMM {layers.cpu_has_bf16_gemm()}, "
-          f"VNNI {torch.cpu._is_vnni_supported()}, 1 thread, {rounds} rounds", flush=True)
+    print(
+        f"{datetime.date.today()}, torch {torch.__version__}, ISA {isa}, bf16 GEMM {layers.cpu_has_bf16_gemm()}, "
+        f"VNNI {torch.cpu._is_vnni_supported()}, 1 thread, {rounds} rounds",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory(prefix="dimple_speed_") as tmp:
         checkpoint = write_tiny_checkpoint(Path(tmp) / "qwen0.5b", sizes=SIZES, vocab_size=151936)
         runtimes = {p: dimple_rt.Runtime(checkpoint, **kw) for p, (kw, _, _) in PRECISIONS.items()}
@@ -140,10 +148,13 @@ def main(rounds: int) -> None:
         head_params = rt.model.lm_head.weight.numel()
         rates = {p: gemm_rate(g) for p, (_, _, g) in PRECISIONS.items()}
         bw = bandwidth()
-        print(f"prompt {prompt_len} tokens, {MAX_NEW} new; decoder layers {layer_params / 1e6:.1f} M + LM head "
-              f"{head_params / 1e6:.1f} M params; GEMM 2048³ " +
-              ", ".join(f"{p} {r / 1e9:.0f}" for p, r in rates.items()) + f" GFLOP/s; copy bandwidth {bw / 1e9:.1f} GB/s",
-              flush=True)
+        print(
+            f"prompt {prompt_len} tokens, {MAX_NEW} new; decoder layers {layer_params / 1e6:.1f} M + LM head "
+            f"{head_params / 1e6:.1f} M params; GEMM 2048³ "
+            + ", ".join(f"{p} {r / 1e9:.0f}" for p, r in rates.items())
+            + f" GFLOP/s; copy bandwidth {bw / 1e9:.1f} GB/s",
+            flush=True,
+        )
 
         authors, why = None, None
         checkout, python = os.environ.get("DIMPLE_RT_AUTHORS"), os.environ.get("DIMPLE_RT_AUTHORS_PYTHON")
@@ -154,10 +165,16 @@ def main(rounds: int) -> None:
         else:
             inputs_path = Path(tmp) / "inputs.pt"
             torch.save(
-                dict(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask,
-                     pixel_values=inputs.pixel_values, image_grid_thw=inputs.image_grid_thw, max_new_tokens=MAX_NEW,
-                     mask_token_id=rt.config.mask_token_id, pad_token_id=rt.config.pad_token_id,
-                     eos_token_id=rt.config.eos_token_id),
+                {
+                    "input_ids": inputs.input_ids,
+                    "attention_mask": inputs.attention_mask,
+                    "pixel_values": inputs.pixel_values,
+                    "image_grid_thw": inputs.image_grid_thw,
+                    "max_new_tokens": MAX_NEW,
+                    "mask_token_id": rt.config.mask_token_id,
+                    "pad_token_id": rt.config.pad_token_id,
+                    "eos_token_id": rt.config.eos_token_id,
+                },
                 inputs_path,
             )
             try:
@@ -168,7 +185,11 @@ def main(rounds: int) -> None:
 
         conversation = _conversation()
         for name, precision, kwargs in MODES:  # warm-up, one short answer each
-            runtimes[precision].generate(conversation, max_new_tokens=8, **{**kwargs, **({"block_length": 8} if "block_length" in kwargs else {})})
+            runtimes[precision].generate(
+                conversation,
+                max_new_tokens=8,
+                **{**kwargs, **({"block_length": 8} if "block_length" in kwargs else {})},
+            )
         times = {(m, p): [] for m, p, _ in MODES}
         forwards, answers = {}, {}
         if authors:
@@ -193,18 +214,32 @@ def main(rounds: int) -> None:
     med = {key: statistics.median(t) for key, t in times.items()}
     base = med[("exact", "fp32")]
     ref = med.get(("authors", "fp32"))
-    print(f"\n| mode | precision | forwards | s/answer | s/forward | floor s/forward | / floor | vs exact fp32 |"
-          + (" vs authors fp32 |" if ref else ""))
+    print(
+        "\n| mode | precision | forwards | s/answer | s/forward | floor s/forward | / floor | vs exact fp32 |"
+        + (" vs authors fp32 |" if ref else "")
+    )
     print("|---|---|---|---|---|---|---|---|" + ("---|" if ref else ""))
     rows = ([("authors", "fp32", {})] if ref else []) + MODES
     for name, precision, kwargs in rows:
         key = (name, precision)
         f = forwards[key]
         _, nbytes, _ = PRECISIONS[precision]
-        floor = floor_seconds(tokens_per_forward(kwargs, prompt_len, f), layer_params, head_params, nbytes,
-                              rates[precision], bw, prompt_len) / f
-        line = (f"| {name} | {precision} | {f} | {med[key]:.2f} | {med[key] / f:.3f} | {floor:.3f} | "
-                f"{med[key] / f / floor:.2f} | {base / med[key]:.2f}x |")
+        floor = (
+            floor_seconds(
+                tokens_per_forward(kwargs, prompt_len, f),
+                layer_params,
+                head_params,
+                nbytes,
+                rates[precision],
+                bw,
+                prompt_len,
+            )
+            / f
+        )
+        line = (
+            f"| {name} | {precision} | {f} | {med[key]:.2f} | {med[key] / f:.3f} | {floor:.3f} | "
+            f"{med[key] / f / floor:.2f} | {base / med[key]:.2f}x |"
+        )
         if ref:
             line += f" {ref / med[key]:.2f}x |"
         print(line)
