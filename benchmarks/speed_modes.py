@@ -48,6 +48,7 @@ sys.path.insert(0, str(HERE))
 from forward_int8 import bandwidth, gemm_rate  # noqa: E402
 from test_bench_generate import SIZES, _conversation  # noqa: E402
 
+from dimple_rt.presets import PRESETS  # noqa: E402
 from dimple_rt.testing.tiny_checkpoint import write_tiny_checkpoint  # noqa: E402
 
 MAX_NEW = 64
@@ -67,22 +68,30 @@ MODES = [  # (mode, precision, generate kwargs)
     ("fast_dllm dual", "fp32", DUAL),
     ("fast_dllm dual", "bf16", DUAL),
     ("fast_dllm dual", "int8", DUAL),
+    ("fast_dllm block", "fp32", BLOCKC),
     ("fast_dllm block", "bf16", BLOCKC),
+    ("fast_dllm block", "int8", BLOCKC),
+    ("preset 'fast'", "int8", {"preset": "fast"}),
 ]
 
 
 def tokens_per_forward(kwargs: dict, prompt_len: int, forwards: int) -> list[int]:
-    """Tokens each forward computes (see the module docstring)."""
+    """Tokens each forward computes (see the module docstring); a preset's options are expanded first."""
+    if "preset" in kwargs:
+        kwargs = {**PRESETS[kwargs["preset"]].options, **kwargs}
     full = prompt_len + MAX_NEW
     cache = kwargs.get("cache", "prefix")
     if kwargs.get("pipeline", "dim") == "dim" or cache == "prefix":
         return [full] + [MAX_NEW + 1] * (forwards - 1)
-    blocks = math.ceil(MAX_NEW / BLOCK)
+    block = kwargs["block_length"]
+    refresh = full if kwargs.get("refresh_prompt", True) else MAX_NEW + 1
+    shift = kwargs.get("block_start", "first") == "threshold"  # the span starts one position early
+    blocks = math.ceil(MAX_NEW / block)
     out = []
     for b in range(blocks):
         n = forwards // blocks + (b < forwards % blocks)
-        later = BLOCK if cache == "dual" else MAX_NEW - b * BLOCK
-        out += [full] + [later] * (n - 1)
+        later = (block if cache == "dual" else MAX_NEW - b * block) + shift
+        out += [full if b == 0 else refresh] + [later] * (n - 1)
     return out
 
 
@@ -188,7 +197,7 @@ def main(rounds: int) -> None:
             runtimes[precision].generate(
                 conversation,
                 max_new_tokens=8,
-                **{**kwargs, **({"block_length": 8} if "block_length" in kwargs else {})},
+                **kwargs,
             )
         times = {(m, p): [] for m, p, _ in MODES}
         forwards, answers = {}, {}

@@ -4,6 +4,8 @@
 One group per shape (tokens × in_features × out_features); each group holds:
 - ``fp32``, ``bf16``: :func:`dimple_rt.model.layers.linear` on float weights (bf16 is torch's native bf16 GEMM
   where ``cpu_has_bf16_gemm()``, the widening path elsewhere);
+- ``bf16_packed``: what a bf16 Runtime runs where the CPU has bf16 GEMM: the weight reordered once for oneDNN
+  (model/packed.py), bitwise ``bf16``'s outputs;
 - ``int8``: what ``quantize="int8"`` runs (fbgemm's dynamic linear, per-token scales, model/quant.py);
 - ``int8_per_tensor``: the same op without the per-token rescaling (its one scale per input tensor);
 - ``int8_onednn``: the same per-token op on weights prepacked by the ``onednn`` engine;
@@ -32,6 +34,7 @@ import pytest
 import torch
 
 from dimple_rt.model import layers, quant
+from dimple_rt.model.packed import PackedBf16Weight
 
 # name: (tokens, in_features, out_features)
 SHAPES = {
@@ -40,9 +43,22 @@ SHAPES = {
     "qwen0.5b_lm_head_65tok": (65, 896, 151936),
     "qwen0.5b_gate_1tok": (1, 896, 4864),
     "qwen0.5b_gate_16tok": (16, 896, 4864),
+    "qwen0.5b_gate_9tok": (9, 896, 4864),
+    "qwen0.5b_down_9tok": (9, 4864, 896),
+    "qwen0.5b_lm_head_9tok": (9, 896, 151936),
+    "qwen0.5b_gate_33tok": (33, 896, 4864),
     "dimple7b_gate_65tok": (65, 3584, 18944),
 }
-CANDIDATES = ("fp32", "bf16", "int8", "int8_per_tensor", "int8_onednn", "int8_int_mm", "int8_weight_only")
+CANDIDATES = (
+    "fp32",
+    "bf16",
+    "bf16_packed",
+    "int8",
+    "int8_per_tensor",
+    "int8_onednn",
+    "int8_int_mm",
+    "int8_weight_only",
+)
 
 
 def _prepack(weight: torch.Tensor, engine: str) -> torch.ScriptObject:
@@ -65,6 +81,9 @@ def make(name: str, x: torch.Tensor, weight: torch.Tensor) -> Callable[[], torch
     if name == "bf16":
         xb, wb = x.bfloat16(), weight.bfloat16()
         return lambda: layers.linear(xb, wb)
+    if name == "bf16_packed":
+        xb, packed_b = x.bfloat16(), PackedBf16Weight(weight.bfloat16())
+        return lambda: layers.linear(xb, packed_b)
     if name == "int8":
         int8 = quant.Int8Weight(weight)
         return lambda: layers.linear(x, int8)
@@ -108,7 +127,7 @@ def check(name: str, out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -
     err = float((out.double() - exact).norm() / exact.norm())
     if name == "fp32":
         bound = 1e-5
-    elif name in ("bf16", "int8_weight_only"):
+    elif name in ("bf16", "bf16_packed", "int8_weight_only"):
         bound = 2e-2
     else:  # int8 × int8: 2x the rounding error quant.py predicts (~1.3 % at 4864 inputs)
         bound = 2 * math.sqrt(2) * float(x.abs().amax(-1).mean() / x.std()) / (127 * math.sqrt(12))
@@ -120,6 +139,8 @@ def check(name: str, out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -
 @pytest.mark.parametrize("impl", CANDIDATES)
 @pytest.mark.parametrize("shape_name", list(SHAPES))
 def test_linear(timed, shape_name: str, impl: str) -> None:
+    if impl == "bf16_packed" and not layers.cpu_has_bf16_gemm():
+        pytest.skip("no native bf16 GEMM on this CPU: a bf16 Runtime does not pack here")
     x, weight = inputs(SHAPES[shape_name])
     fn = make(impl, x, weight)
     check(impl, fn(), x, weight)
@@ -127,7 +148,11 @@ def test_linear(timed, shape_name: str, impl: str) -> None:
     flops = 2 * tokens * n_in * n_out
     rounds = 3 if flops > 5e9 else 10
     timed(
-        fn, group=shape_name, bytes_moved=n_in * n_out * {"fp32": 4, "bf16": 2}.get(impl, 1), flops=flops, rounds=rounds
+        fn,
+        group=shape_name,
+        bytes_moved=n_in * n_out * {"fp32": 4, "bf16": 2, "bf16_packed": 2}.get(impl, 1),
+        flops=flops,
+        rounds=rounds,
     )
 
 
@@ -138,12 +163,13 @@ def interleaved(rounds: int = 5) -> None:
         f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, VNNI {torch.cpu._is_vnni_supported()}, "
         f"bf16 GEMM {layers.cpu_has_bf16_gemm()}, 1 thread, best of {rounds} interleaved rounds"
     )
-    print("| shape | " + " | ".join(CANDIDATES) + " | int8 vs fp32 | int8 vs bf16 |")
-    print("|---" * (len(CANDIDATES) + 3) + "|")
+    candidates = [c for c in CANDIDATES if c != "bf16_packed" or layers.cpu_has_bf16_gemm()]
+    print("| shape | " + " | ".join(candidates) + " | int8 vs fp32 | int8 vs bf16 | bf16_packed vs bf16 |")
+    print("|---" * (len(candidates) + 4) + "|")
     for shape_name, shape in SHAPES.items():
         x, weight = inputs(shape)
         flops = 2 * math.prod(shape)
-        fns = {name: make(name, x, weight) for name in CANDIDATES}
+        fns = {name: make(name, x, weight) for name in candidates}
         errs = {name: check(name, fn(), x, weight) for name, fn in fns.items()}
         calls = max(1, int(3e9 / flops))
         best = dict.fromkeys(fns, float("inf"))
@@ -153,8 +179,9 @@ def interleaved(rounds: int = 5) -> None:
                 for _ in range(calls):
                     fn()
                 best[name] = min(best[name], (time.perf_counter() - start) / calls)
-        cells = [f"{best[n] * 1e3:.2f} ms {flops / best[n] / 1e9:.0f} GF/s ({errs[n]:.1e})" for n in CANDIDATES]
-        ratios = f"{best['fp32'] / best['int8']:.2f}x | {best['bf16'] / best['int8']:.2f}x"
+        cells = [f"{best[n] * 1e3:.2f} ms {flops / best[n] / 1e9:.0f} GF/s ({errs[n]:.1e})" for n in candidates]
+        ratios = f"{best['fp32'] / best['int8']:.2f}x | {best['bf16'] / best['int8']:.2f}x | "
+        ratios += f"{best['bf16'] / best['bf16_packed']:.2f}x" if "bf16_packed" in best else "-"
         print(f"| {shape_name} {'x'.join(map(str, shape))} | " + " | ".join(cells) + f" | {ratios} |", flush=True)
 
 

@@ -18,6 +18,8 @@ from .config import MAX_NEW_TOKENS, DimpleConfig, GenerationConfig, check_int
 from .generation.loop import DecodeRequest, LogitsHook, TokensHook, denoise
 from .generation.priors import build_canvas, parse_template
 from .model.dimple import DimpleModel
+from .model.layers import cpu_has_bf16_gemm
+from .model.packed import pack_bf16_model
 from .model.quant import check_quantize, quantize_model
 from .presets import Preset, preset_named
 from .processor import VIDEO_INPUT_KEYS, ImageProcessor, check_no_video, expand_image_placeholder_ids
@@ -91,7 +93,9 @@ class Runtime:
     local Hugging Face cache. ``dtype`` (a torch dtype, a name such as "bfloat16", or "auto": the checkpoint's
     stored dtype) defaults to fp32 on CPU; ``backend`` is ``"kernels"`` (the C++/CUDA
     ops) or ``"reference"`` (plain torch); ``self.backend`` holds the chosen :class:`~dimple_rt.backend.Backend`.
-    ``quantize="int8"`` (CPU, fp32/bf16) quantizes the decoder's linears and the LM head after loading: int8
+    A bf16 model on a CPU with bf16 dot products gets its decoder and LM-head weights prepacked for oneDNN
+    (:mod:`dimple_rt.model.packed`: the same outputs, faster for few-token steps). Either makes
+    ``self.model`` inference-only. ``quantize="int8"`` (CPU, fp32/bf16) quantizes the decoder's linears and the LM head after loading: int8
     weights per output channel, int8 activations per token (:mod:`dimple_rt.model.quant`); inference only.
     ``preset`` ("exact" or "fast", :mod:`dimple_rt.presets`) sets the quantization (on CPU, unless
     ``quantize`` is given) and the decoding options every call starts from; "fast" is int8 + Fast-dLLM's dual
@@ -125,6 +129,8 @@ class Runtime:
         load_state_dict_into(self.model, self.path, dtype=self.dtype, device=self.device)
         self.model.eval().requires_grad_(False)
         quantize_model(self.model, quantize)
+        if quantize is None and self.dtype == torch.bfloat16 and self.device.type == "cpu" and cpu_has_bf16_gemm():
+            pack_bf16_model(self.model)  # same outputs as F.linear, without its per-call weight reorder
         self.tokenizer = DimpleTokenizer.from_pretrained(self.path)
         self.processor: ImageProcessor | None = None
         if self.config.vision_config is not None:

@@ -8,7 +8,10 @@ import functools
 import torch
 from torch import nn
 
+from .packed import PackedBf16Weight, packed_linear
 from .quant import Int8Weight, int8_linear
+
+InferenceWeight = Int8Weight | PackedBf16Weight
 
 # Output features per fp32 weight chunk of :func:`linear`'s widening path: at most this many bytes of widened
 # weight exist at once (a whole fp32 copy of Dimple-7B's LM head would be 2.2 GB).
@@ -25,11 +28,13 @@ def cpu_has_bf16_gemm() -> bool:
         return False
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor | Int8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The one linear entry point: ``F.linear``, except for two cases chosen by the weight loaded.
+def linear(x: torch.Tensor, weight: torch.Tensor | InferenceWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The one linear entry point: ``F.linear``, except for three cases chosen by the weight loaded.
 
     - An :class:`~dimple_rt.model.quant.Int8Weight` (``quantize="int8"``): int8 weights times per-token int8
       activations, see :func:`~dimple_rt.model.quant.int8_linear`.
+    - A :class:`~dimple_rt.model.packed.PackedBf16Weight` (a bf16 Runtime on a CPU with bf16 GEMM): oneDNN's
+      GEMM on the weight reordered once, see :func:`~dimple_rt.model.packed.packed_linear`.
     - bf16 on a CPU without bf16 GEMM: the weight is widened to fp32 in chunks of output features and
       multiplied in fp32, and the result rounded to bf16 once. Same math as a bf16 GEMM (bf16 inputs, fp32
       accumulation, one rounding of the output), about 4x faster on AVX2; only the summation order differs.
@@ -37,6 +42,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor | Int8Weight, bias: torch.Tenso
     """
     if isinstance(weight, Int8Weight):
         return int8_linear(x, weight, bias)
+    if isinstance(weight, PackedBf16Weight):
+        return packed_linear(x, weight, bias)
     if (
         x.dtype != torch.bfloat16
         or weight.dtype != torch.bfloat16
@@ -54,7 +61,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor | Int8Weight, bias: torch.Tenso
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters, same checkpoint names) computed by :func:`linear`.
 
-    After :meth:`quantize_int8` its ``weight`` is an :class:`~dimple_rt.model.quant.Int8Weight` (not a
+    After :meth:`quantize_int8` or :meth:`pack_bf16` its ``weight`` is an inference form (an
+    :class:`~dimple_rt.model.quant.Int8Weight` or :class:`~dimple_rt.model.packed.PackedBf16Weight`, not a
     parameter) and the module is inference-only.
     """
 
@@ -63,11 +71,20 @@ class Linear(nn.Linear):
 
     def quantize_int8(self) -> None:
         """Replace the float weight by its int8 form and free it; the bias stays a float parameter (frozen)."""
-        if isinstance(self.weight, Int8Weight):
-            return
-        int8 = Int8Weight(self.weight)
-        del self.weight  # drops the parameter: the float weight is not kept next to the int8 one
-        self.weight = int8
+        self._to_inference(Int8Weight)
+
+    def pack_bf16(self) -> None:
+        """Replace the bf16 weight by its oneDNN-packed form and free it; the bias stays (frozen)."""
+        self._to_inference(PackedBf16Weight)
+
+    def _to_inference(self, form: type[InferenceWeight]) -> None:
+        if not isinstance(self.weight, torch.Tensor):
+            if isinstance(self.weight, form):
+                return
+            raise ValueError(f"this layer's weight is already a {type(self.weight).__name__}")
+        converted = form(self.weight)
+        del self.weight  # drops the parameter: the float weight is not kept next to the converted one
+        self.weight = converted
         if self.bias is not None:
             self.bias.requires_grad_(False)
         self.train(False)
@@ -75,6 +92,8 @@ class Linear(nn.Linear):
     def train(self, mode: bool = True) -> Linear:
         if mode and isinstance(self.weight, Int8Weight):
             raise ValueError("a quantize='int8' model is inference-only: it cannot be put in training mode")
+        if mode and isinstance(self.weight, PackedBf16Weight):
+            raise ValueError("a Runtime's prepacked bf16 model is inference-only: it cannot be put in training mode")
         return super().train(mode)
 
 

@@ -171,6 +171,9 @@ def release_freed_heap() -> None:
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of the model's parameters, buffers and int8 weights (what quantization shrinks)."""
+    """Bytes of the model's parameters, buffers and inference weights (int8 or prepacked bf16)."""
+    from .packed import PackedBf16Weight
+
     total = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
-    return total + sum(m.weight.nbytes for m in model.modules() if isinstance(getattr(m, "weight", None), Int8Weight))
+    forms = (Int8Weight, PackedBf16Weight)
+    return total + sum(m.weight.nbytes for m in model.modules() if isinstance(getattr(m, "weight", None), forms))
