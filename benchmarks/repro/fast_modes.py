@@ -4,7 +4,8 @@
 Each mode answers the first ``--n`` test examples on canvases of 48 and 128 tokens, in each precision asked
 for; the table goes to stdout (Markdown) and, with ``--json``, to a file. The exact mode is the default
 ``Runtime.generate`` (Dimple's confident decoding, threshold 0.95, prompt cache); the others are the
-'fast_dllm' pipeline with its caches.
+'fast_dllm' pipeline with its caches, and the options of ``preset="fast"`` (in the int8 rows, the preset itself:
+``Runtime(preset="fast")`` is int8 with these options).
 
     python benchmarks/repro/fast_modes.py --n 200 --precisions fp32 bf16 --json fast_modes.json
 """
@@ -30,6 +31,14 @@ MODES: dict[str, dict[str, Any]] = {
     "fast_dllm, block cache": {**FAST, "cache": "block"},
     "fast_dllm, dual cache": {**FAST, "cache": "dual"},
     "fast_dllm, dual cache, early stop": {**FAST, "cache": "dual", "early_stop": True},
+    "fast_dllm, dual cache, early stop, threshold start, prompt kept": {
+        **FAST,
+        "cache": "dual",
+        "early_stop": True,
+        "block_start": "threshold",
+        "refresh_prompt": False,
+    },
+    "preset 'fast' options": {"preset": "fast"},
 }
 PRECISIONS = {"fp32": {"dtype": torch.float32}, "bf16": {"dtype": torch.bfloat16}, "int8": {"quantize": "int8"}}
 
