@@ -112,8 +112,9 @@ class GenerationResult:
     def summary(self) -> str:
         """The stats in one line, for people (the CLI and the chat print it after the answer)."""
         s = self.stats
+        tokens = f"{s.answer_tokens} token{'' if s.answer_tokens == 1 else 's'}"
         return (
-            f"{s.answer_tokens} tokens (finish: {self.finish_reason}) in {s.total_seconds:.2f} s "
+            f"{tokens} (finish: {self.finish_reason}) in {s.total_seconds:.2f} s "
             f"(vision {s.vision_seconds:.3f} s), {s.forward_passes} forward passes at "
             f"{1000 * s.seconds_per_forward:.1f} ms, {s.tokens_per_second:.1f} tokens/s"
         )
