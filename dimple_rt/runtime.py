@@ -113,9 +113,10 @@ class GenerationResult:
         """The stats in one line, for people (the CLI and the chat print it after the answer)."""
         s = self.stats
         tokens = f"{s.answer_tokens} token{'' if s.answer_tokens == 1 else 's'}"
+        passes = f"{s.forward_passes} forward pass{'' if s.forward_passes == 1 else 'es'}"
         return (
             f"{tokens} (finish: {self.finish_reason}) in {s.total_seconds:.2f} s "
-            f"(vision {s.vision_seconds:.3f} s), {s.forward_passes} forward passes at "
+            f"(vision {s.vision_seconds:.3f} s), {passes} at "
             f"{1000 * s.seconds_per_forward:.1f} ms, {s.tokens_per_second:.1f} tokens/s"
         )
 
