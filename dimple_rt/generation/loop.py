@@ -68,12 +68,11 @@ def _commit_record(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Step's positions and confidences: ``candidates (B, len)`` in span columns (``offset`` = span start -
     prompt_len), ``commit``/``x0 (N,)`` and ``mask_logits (N, V)`` over its masked entries in row-major order.
-    One logsumexp over the committed rows only, so the cost is bounded by the tokens written."""
+    One softmax over the committed rows only, so the cost is bounded by the tokens written."""
     positions = candidates.nonzero()[commit]  # (K, 2), the order of mask_logits' rows
     positions[:, 1] += offset
-    rows = mask_logits[commit].float()  # (K, V)
-    chosen = rows.gather(1, x0[commit].unsqueeze(1)).squeeze(1)  # (K,)
-    return positions.cpu(), (chosen - rows.logsumexp(dim=1)).exp().cpu()
+    probabilities = torch.softmax(mask_logits[commit], dim=-1, dtype=torch.float32)  # (K, V)
+    return positions.cpu(), probabilities.gather(1, x0[commit].unsqueeze(1)).squeeze(1).cpu()
 
 
 def _check_tokens(after: torch.Tensor, before: torch.Tensor, fixed: int, vocab_size: int, what: str) -> None:
