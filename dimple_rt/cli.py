@@ -33,6 +33,7 @@ import torch
 
 from dimple_rt import __version__
 from dimple_rt.config import ALG_CONFIDENCE, CACHES, PIPELINES, GenerationConfig
+from dimple_rt.presets import PRESETS, preset_named
 
 
 def _run_forward(model: str, prompt: str, image: object | None, backend: str) -> None:
@@ -151,9 +152,11 @@ def generation_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
-def _config_of(options: dict[str, Any], canvas_tokens: int | None = None) -> GenerationConfig:
-    """The GenerationConfig of generate keywords (its warnings are generate's to give)."""
-    fields = {name: value for name, value in options.items() if name in GENERATION_FIELDS}
+def _config_of(options: dict[str, Any], preset: str | None, canvas_tokens: int | None = None) -> GenerationConfig:
+    """The GenerationConfig that generate keywords make over ``preset``'s options (its warnings are generate's
+    to give)."""
+    fields = {**(preset_named(preset).options if preset else {}), **options}
+    fields = {name: value for name, value in fields.items() if name in GENERATION_FIELDS}
     if canvas_tokens is not None:
         fields["max_new_tokens"] = canvas_tokens
     with warnings.catch_warnings():
@@ -177,9 +180,11 @@ def _print_result(result: Any, prompt: str, image: object | None, history: bool,
     print(f"stats: {result.summary()}")
 
 
-def _result_json(result: Any, prompt: str, image: object | None, options: dict[str, Any]) -> dict[str, Any]:
+def _result_json(
+    result: Any, prompt: str, image: object | None, options: dict[str, Any], preset: str | None
+) -> dict[str, Any]:
     """``--json``'s object: the answer, its ids, why it ended, the stats and the options as resolved."""
-    config = dataclasses.asdict(_config_of(options, result.stats.canvas_tokens))
+    config = dataclasses.asdict(_config_of(options, preset, result.stats.canvas_tokens))
     config.update({name: options[name] for name in PRIOR_OPTIONS if name in options})
     data = {
         "prompt": prompt,
@@ -211,7 +216,7 @@ def _run_generate(model: str, prompt: str, image: object | None, args: argparse.
     else:
         result = rt.generate(conversation, **options)
     if args.json:
-        print(json.dumps(_result_json(result, prompt, image, options)))
+        print(json.dumps(_result_json(result, prompt, image, options, args.preset)))
         return
     _print_result(result, prompt, image, result.history is not None, rt.render_canvas)
     if args.visualize:
@@ -257,10 +262,14 @@ def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="torch device (default: cpu)")
     parser.add_argument("--dtype", help="float32, bfloat16, float16 or auto (default: float32 on the CPU)")
     parser.add_argument("--quantize", choices=["int8"], help="int8 linear layers (CPU)")
+    parser.add_argument(
+        "--preset", choices=sorted(PRESETS), help="start from these options (flags override them); see presets.py"
+    )
 
 
 def _runtime_options(args: argparse.Namespace) -> dict[str, Any]:
-    return {"backend": args.backend, "device": args.device, "dtype": args.dtype, "quantize": args.quantize}
+    keys = ("backend", "device", "dtype", "quantize", "preset")
+    return {key: getattr(args, key) for key in keys}
 
 
 def _visualization_path(text: str) -> Path:
@@ -380,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if hasattr(args, "options_parser"):  # refuse bad options before a model is loaded, argparse-style (exit 2)
         try:
-            _config_of(generation_options(args))
+            _config_of(generation_options(args), args.preset)
         except (ValueError, TypeError) as err:
             args.options_parser.error(_with_flags(str(err), generation_options(args)))
     try:

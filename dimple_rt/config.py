@@ -583,6 +583,10 @@ class GenerationConfig:
     refresh_every: int | None = None
     """'block'/'dual' caches: also refresh every K/V with a full forward every this many steps inside a block
     (a refresh is a decoding step too); None refreshes only at block starts, as Fast-dLLM."""
+    refresh_prompt: bool = True
+    """'block'/'dual' caches: a refresh recomputes the prompt's K/V too, as Fast-dLLM does. False keeps the
+    prompt K/V of the first forward (Dimple's prefill approximation, applied to the block caches), so a refresh
+    computes only the last prompt token and the canvas: cheaper by the prompt's length, not in Fast-dLLM."""
     early_stop: bool = False
     """'fast_dllm': once a finished block holds ``<|endoftext|>``, every later position of that sequence is
     set to ``<|endoftext|>`` instead of decoded (Dimple pads answers with it), and decoding ends when no mask
@@ -638,7 +642,7 @@ class GenerationConfig:
         if self.seed is not None:
             check_int("seed", self.seed, 0, 2**64 - 1)
         flags = ("use_original_confidence", "prefill", "batch_coupled", "validate_categorical", "return_history")
-        for name in (*flags, "early_stop"):
+        for name in (*flags, "early_stop", "refresh_prompt"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         self._check_blocks()
@@ -669,5 +673,7 @@ class GenerationConfig:
                 raise ValueError("the 'fast_dllm' pipeline decides per sequence: pass batch_coupled=False")
         if self.cache != "prefix" and not self.prefill:
             raise ValueError(f"cache={self.cache!r} reuses K/V: it cannot be combined with prefill=False")
-        if self.refresh_every is not None and self.cache == "prefix":
-            raise ValueError("refresh_every needs cache='block' or 'dual'")
+        if self.cache == "prefix":
+            for name, off in (("refresh_every", None), ("refresh_prompt", True)):
+                if getattr(self, name) != off:
+                    raise ValueError(f"{name}={getattr(self, name)!r} needs cache='block' or 'dual'")

@@ -20,6 +20,7 @@ from .generation.loop import DecodeRequest, LogitsHook, Step, TokensHook, denois
 from .generation.priors import build_canvas, parse_template
 from .model.dimple import DimpleModel
 from .model.quant import check_quantize, quantize_model
+from .presets import Preset, preset_named
 from .processor import VIDEO_INPUT_KEYS, ImageProcessor, check_no_video, expand_image_placeholder_ids
 from .tokenizer import DimpleTokenizer
 from .weights import load_state_dict_into, resolve_dtype, resolve_model
@@ -130,6 +131,9 @@ class Runtime:
     ops) or ``"reference"`` (plain torch); ``self.backend`` holds the chosen :class:`~dimple_rt.backend.Backend`.
     ``quantize="int8"`` (CPU, fp32/bf16) quantizes the decoder's linears and the LM head after loading: int8
     weights per output channel, int8 activations per token (:mod:`dimple_rt.model.quant`); inference only.
+    ``preset`` ("exact" or "fast", :mod:`dimple_rt.presets`) sets the quantization (on CPU, unless
+    ``quantize`` is given) and the decoding options every call starts from; "fast" is int8 + Fast-dLLM's dual
+    cache in blocks of 8, and is not the authors' tokens (see :data:`dimple_rt.presets.FAST`).
     """
 
     def __init__(
@@ -140,10 +144,14 @@ class Runtime:
         dtype: torch.dtype | str | None = None,
         backend: str = "kernels",
         quantize: str | None = None,
+        preset: str | None = None,
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.preset: Preset | None = preset_named(preset)
         self.device = torch.device(device if device is not None else "cpu")
+        if quantize is None and self.preset is not None and self.device.type == "cpu":
+            quantize = self.preset.quantize
         self.backend: Backend = backend_for(backend)
         self.path: Path = resolve_model(model)
         self.dtype: torch.dtype = resolve_dtype(dtype, self.path) or torch.float32
@@ -285,8 +293,11 @@ class Runtime:
     ) -> tuple[DecodeRequest, GenerationConfig, float]:
         """Validate everything and encode the images once, before the first step; also return the seconds the
         vision tower took. ``options`` may carry the pre-tokenised ``input_ids``, ``attention_mask``,
-        ``pixel_values``, ``image_grid_thw`` (video inputs are refused by name); the rest are GenerationConfig
-        fields."""
+        ``pixel_values``, ``image_grid_thw`` (video inputs are refused by name) and a ``preset`` name (default:
+        the Runtime's) whose options the others override; the rest are GenerationConfig fields."""
+        preset = preset_named(options.pop("preset")) if "preset" in options else self.preset
+        if preset is not None:
+            options = {**preset.options, **options}
         tensors = {key: options.pop(key) for key in (*MODEL_INPUT_FIELDS, *VIDEO_INPUT_KEYS) if key in options}
         tensors = {key: value for key, value in tensors.items() if value is not None}
         model_inputs = self._model_inputs(inputs, tensors, parse_special_tokens)
@@ -305,7 +316,7 @@ class Runtime:
             config = GenerationConfig(max_new_tokens=len(canvas), **options)
         except TypeError as err:
             names = sorted(f.name for f in dataclasses.fields(GenerationConfig))
-            raise TypeError(f"{err}; generate's options are {names}, template and response_length") from None
+            raise TypeError(f"{err}; generate's options are {names}, preset, template and response_length") from None
         self._check_model_inputs(model_inputs, canvas_length=len(canvas))
         input_ids, attention_mask = model_inputs.input_ids, model_inputs.attention_mask
         vision_start = time.perf_counter()
@@ -343,7 +354,8 @@ class Runtime:
         ("maskgit_plus"; also origin, origin-ratio, autoregressive, topk_margin, entropy), alg_temp, threshold
         (0.95 in 'dim': confident decoding), use_original_confidence (True), pipeline ("dim" | "dream"), prefill
         (True: Dimple's use_cache), seed, batch_coupled (False), validate_categorical, return_history.
-        Structure priors: ``template`` (text with ``<mask:N>`` spans, placed at the canvas start) and
+        ``preset`` ("exact" | "fast", :mod:`dimple_rt.presets`): start from that preset's options instead of
+        the Runtime's preset (int8 weights come only from the Runtime's). Structure priors: ``template`` (text with ``<mask:N>`` spans, placed at the canvas start) and
         ``response_length=k`` (``<|endoftext|>`` from position k). Special-token strings in message text stay
         text unless ``parse_special_tokens=True`` (a raw prompt built on purpose). Hooks: ``tokens_hook(step, x,
         logits) -> x`` and ``logits_hook(step, x, logits) -> logits``, the authors' signatures and shapes.

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import dimple_rt
+import dimple_rt.presets
 from dimple_rt import __version__, cli
 from dimple_rt.config import GenerationConfig
 
@@ -34,6 +35,7 @@ FAST = {
     "cache": (["--cache", "dual"], "dual"),
     "block_length": (["--block-length", "8"], 8),
     "refresh_every": (["--refresh-every", "3"], 3),
+    "refresh_prompt": (["--no-refresh-prompt"], False),
     "early_stop": (["--early-stop"], True),
     "seed": (["--seed", str(2**64 - 1)], 2**64 - 1),
     "batch_coupled": (["--no-batch-coupled"], False),
@@ -49,6 +51,7 @@ DIM = {
     "cache": (["--cache", "prefix"], "prefix"),
     "block_length": (["--block-length", "none"], None),
     "refresh_every": (["--refresh-every", "none"], None),
+    "refresh_prompt": (["--refresh-prompt"], True),
     "early_stop": (["--no-early-stop"], False),
     "batch_coupled": (["--batch-coupled"], True),
 }
@@ -158,3 +161,17 @@ def test_visualize_writes_the_file(tmp_path: Path, capsys: pytest.CaptureFixture
     with Image.open(gif) as image:
         assert image.n_frames == passes
     assert f"visualisation: {gif}" in out and "stats: " in out
+
+
+def test_preset_is_the_base_the_flags_override(capsys: pytest.CaptureFixture) -> None:
+    argv = ["generate", "dimple-tiny", "--prompt", "What is 2 plus 3?", "--max-new-tokens", "16", "--preset", "fast"]
+    assert cli.main([*argv, "--block-length", "4", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    fast = dimple_rt.Runtime("dimple-tiny", preset="fast")
+    expected = fast.generate("What is 2 plus 3?", max_new_tokens=16, block_length=4)
+    assert data["token_ids"] == expected.token_ids and data["num_forward_passes"] == expected.num_forward_passes
+    config = GenerationConfig(**{**dimple_rt.presets.FAST.options, "max_new_tokens": 16, "block_length": 4})
+    assert data["options"] == dataclasses.asdict(config)
+    with pytest.raises(SystemExit) as done:
+        cli.main([*argv, "--cache", "prefix"])  # the preset's refresh_prompt=False needs a block cache
+    assert done.value.code == 2 and "argument --cache: " in capsys.readouterr().err

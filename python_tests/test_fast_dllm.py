@@ -46,6 +46,16 @@ def test_a_cache_refreshed_every_step_gives_the_exact_tokens(rt: dimple_rt.Runti
         assert cached[0].num_forward_passes == exact[0].num_forward_passes
 
 
+@pytest.mark.parametrize("cache", CACHES)
+def test_refreshes_that_keep_the_prompt_cache_equal_dimples_prefill(rt: dimple_rt.Runtime, cache: str) -> None:
+    """refresh_prompt=False refreshed at every step recomputes the canvas over the prompt K/V of the first
+    forward: exactly what the prefix cache (Dimple's prefill) computes at every step."""
+    prefilled = _fast(rt, PROMPTS, threshold=0.5)
+    kept = _fast(rt, PROMPTS, threshold=0.5, cache=cache, refresh_every=1, refresh_prompt=False)
+    assert [r.token_ids for r in kept] == [r.token_ids for r in prefilled]
+    assert kept[0].num_forward_passes == prefilled[0].num_forward_passes
+
+
 @pytest.mark.parametrize("cache", ["prefix", *CACHES])
 def test_blocks_are_decoded_in_order_and_nothing_is_committed_outside_the_current_block(
     rt: dimple_rt.Runtime, cache: str
@@ -147,7 +157,8 @@ def test_early_stop_fills_the_rest_with_the_terminator() -> None:
         ({"pipeline": "fast_dllm", "alg_temp": 0.5}, "alg_temp has no meaning"),
         ({"pipeline": "fast_dllm", "batch_coupled": True}, "per sequence"),
         ({"pipeline": "fast_dllm", "cache": "dual", "prefill": False}, "cannot be combined with prefill=False"),
-        ({"pipeline": "fast_dllm", "refresh_every": 2}, "refresh_every needs cache='block' or 'dual'"),
+        ({"pipeline": "fast_dllm", "refresh_every": 2}, "refresh_every=2 needs cache='block' or 'dual'"),
+        ({"pipeline": "fast_dllm", "refresh_prompt": False}, "refresh_prompt=False needs cache='block' or 'dual'"),
         ({"pipeline": "fast_dllm", "cache": "ring"}, "cache must be one of"),
         ({"pipeline": "fast_dllm", "block_length": 0}, "block_length must be an integer"),
         ({"pipeline": "fast_dllm", "cache": "dual", "refresh_every": 0}, "refresh_every must be an integer"),
@@ -156,6 +167,11 @@ def test_early_stop_fills_the_rest_with_the_terminator() -> None:
 def test_bad_combinations_are_named(rt: dimple_rt.Runtime, options: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         rt.generate(PROMPTS[0], max_new_tokens=8, **options)
+
+
+def test_a_flag_that_is_not_a_bool_is_named(rt: dimple_rt.Runtime) -> None:
+    with pytest.raises(TypeError, match="refresh_prompt must be True or False"):
+        rt.generate(PROMPTS[0], max_new_tokens=8, pipeline="fast_dllm", cache="dual", refresh_prompt=0)
 
 
 @pytest.mark.parametrize("cache", CACHES)

@@ -136,7 +136,9 @@ def _plan(options: GenerationConfig, first: bool, keep: int, total: int, blocks:
     start, end = blocks.bounds[blocks.index]
     every = options.refresh_every
     if blocks.step == 0 or (every is not None and blocks.step % every == 0):
-        return Span(0, total)  # a refresh: every position's K/V recomputed and cached
+        # A refresh: every position's K/V recomputed and cached (the prompt's only when asked, and always at
+        # the first forward, which fills the cache).
+        return Span(0 if first or options.refresh_prompt else keep, total)
     if options.cache == "block":
         return Span(start, total)
     return Span(start, end, total - end)
