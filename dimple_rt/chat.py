@@ -87,12 +87,12 @@ class LiveCanvas:
         columns = max(shutil.get_terminal_size().columns, 1)
         return sum(max(1, -(-_width(line) // columns)) for line in text.split("\n"))
 
-    def draw(self, segments: list[tuple[str, str]], prefix: str = "") -> None:
-        styles = {"mask": DIM, "end": DIM, "new": NEW, "done": ""} if self.colour else {}
-        plain = prefix + "".join(text for text, _ in segments)
-        shown = prefix + "".join(
-            f"{styles[kind]}{text}{RESET}" if styles.get(kind) else text for text, kind in segments
-        )
+    def draw(self, segments: list[tuple[str, str]], label: str = "") -> None:
+        """Replace the last drawing with ``label`` (bold) and the segments, styled by kind."""
+        styles = {"label": BOLD, "mask": DIM, "end": DIM, "new": NEW} if self.colour else {}
+        segments = [(label, "label"), *segments]
+        plain = "".join(text for text, _ in segments)  # what takes room on the screen: no escape codes
+        shown = "".join(f"{styles[kind]}{text}{RESET}" if kind in styles else text for text, kind in segments)
         self.clear()
         self.out.write(shown)
         self.out.flush()
@@ -162,15 +162,15 @@ class Chat:
         turn = {"role": "user", "content": [*content, {"type": "text", "text": text}]}
         canvas = LiveCanvas(self.out, self.colour)
         terminators = self.runtime.tokenizer.answer_terminator_ids
-        prefix = f"{BOLD}dimple>{RESET} " if self.colour else "dimple> "
+        label = "dimple> "
 
         def show(step: StreamStep) -> None:
             fresh = set(step.positions[:, 1].tolist())
-            canvas.draw(canvas_segments(self.runtime, step.canvas[0].tolist(), fresh, terminators), prefix)
+            canvas.draw(canvas_segments(self.runtime, step.canvas[0].tolist(), fresh, terminators), label)
 
         if self.live and "template" not in self.options and "response_length" not in self.options:
             masks = [self.runtime.config.mask_token_id] * self.options.get("max_new_tokens", 64)
-            canvas.draw(canvas_segments(self.runtime, masks, set(), terminators), prefix)
+            canvas.draw(canvas_segments(self.runtime, masks, set(), terminators), label)
         try:
             result = self.runtime.generate([*self.history, turn], on_step=show if self.live else None, **self.options)
         except (OSError, ValueError, TypeError) as err:
@@ -184,7 +184,7 @@ class Chat:
             self.say("(cancelled)", DIM)
             return None
         canvas.clear()
-        self.out.write(prefix)
+        self.out.write(f"{BOLD}{label}{RESET}" if self.colour else label)
         self.say(result.text)
         self.say(f"[{result.summary()}]", DIM)
         self.history += [turn, {"role": "assistant", "content": result.text}]

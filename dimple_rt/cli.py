@@ -27,13 +27,16 @@ import typing
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from dimple_rt import __version__
 from dimple_rt.config import ALG_CONFIDENCE, CACHES, PIPELINES, GenerationConfig
 from dimple_rt.presets import PRESETS, preset_named
+
+if TYPE_CHECKING:
+    from dimple_rt.runtime import GenerationResult
 
 
 def _run_forward(model: str, prompt: str, image: object | None, backend: str) -> None:
@@ -170,9 +173,13 @@ def _with_flags(message: str, options: dict[str, Any]) -> str:
     return f"argument {'/'.join(named)}: {message}" if named else message
 
 
-def _print_result(result: Any, prompt: str, image: object | None, history: bool, render: Callable) -> None:
+def _print_result(
+    result: GenerationResult, prompt: str, image: object | None, render: Callable[[torch.Tensor], str]
+) -> None:
+    """The answer for people: the prompt, the canvas after every step (with --return-history), the answer and
+    its statistics."""
     print(f"prompt: {prompt!r}" + (" (with an image)" if image is not None else ""))
-    if history:
+    if result.history is not None:
         for index, sequences in enumerate(result.history):
             print(f"step {index}: {render(sequences[0, -result.stats.canvas_tokens :])}")
     print(f"answer: {result.text!r}")
@@ -181,7 +188,7 @@ def _print_result(result: Any, prompt: str, image: object | None, history: bool,
 
 
 def _result_json(
-    result: Any, prompt: str, image: object | None, options: dict[str, Any], preset: str | None
+    result: GenerationResult, prompt: str, image: object | None, options: dict[str, Any], preset: str | None
 ) -> dict[str, Any]:
     """``--json``'s object: the answer, its ids, why it ended, the stats and the options as resolved."""
     config = dataclasses.asdict(_config_of(options, preset, result.stats.canvas_tokens))
@@ -218,7 +225,7 @@ def _run_generate(model: str, prompt: str, image: object | None, args: argparse.
     if args.json:
         print(json.dumps(_result_json(result, prompt, image, options, args.preset)))
         return
-    _print_result(result, prompt, image, result.history is not None, rt.render_canvas)
+    _print_result(result, prompt, image, rt.render_canvas)
     if args.visualize:
         print(f"visualisation: {args.visualize}")
 

@@ -160,7 +160,13 @@ def test_live_canvas_erases_the_rows_it_drew(monkeypatch: pytest.MonkeyPatch) ->
     canvas = LiveCanvas(out, colour=False)
     canvas.draw([("x" * 25, "done")])  # 3 rows of 10 columns
     assert canvas.rows == 3
-    canvas.draw([("ab", "new"), ("\u2591" * 3, "mask")], prefix="> ")
+    canvas.draw([("ab", "new"), ("\u2591" * 3, "mask")], label="> ")
     assert out.getvalue() == "x" * 25 + "\r\x1b[2A\x1b[J" + "> ab\u2591\u2591\u2591"
     canvas.clear()
     assert out.getvalue().endswith("\r\x1b[J") and canvas.rows == 0
+    # In colour the escape codes take no room: "dimple> " + 3 characters is 11 columns, 2 rows.
+    coloured = LiveCanvas(io.StringIO(), colour=True)
+    coloured.draw([("abc", "new")], label="dimple> ")
+    assert coloured.rows == 2 and "\x1b[1;32mabc\x1b[0m" in coloured.out.getvalue()
+    coloured.draw([("\u4e2d\u6587", "done")], label="")  # two wide characters: 4 columns
+    assert coloured.rows == 1
