@@ -475,6 +475,7 @@ class DimpleConfig:
 
 PIPELINES = ("dim", "dream", "fast_dllm")
 CACHES = ("prefix", "block", "dual")
+BLOCK_STARTS = ("first", "threshold")
 
 ConfidenceKind = Literal["plain", "margin", "neg_entropy"]
 
@@ -583,6 +584,11 @@ class GenerationConfig:
     refresh_every: int | None = None
     """'block'/'dual' caches: also refresh every K/V with a full forward every this many steps inside a block
     (a refresh is a decoding step too); None refreshes only at block starts, as Fast-dLLM."""
+    block_start: str = "first"
+    """'fast_dllm': what a block's first step commits. 'first' (Fast-dLLM's rule): the block's first masked
+    position, whatever its confidence, so a block takes at least two steps unless it has one mask; 'threshold':
+    the rule of every other step (the most confident masked position of the block plus every other one above
+    ``threshold``), so a block whose positions are all confident is done in one step (not in Fast-dLLM)."""
     refresh_prompt: bool = True
     """'block'/'dual' caches: a refresh recomputes the prompt's K/V too, as Fast-dLLM does. False keeps the
     prompt K/V of the first forward (Dimple's prefill approximation, applied to the block caches), so a refresh
@@ -656,7 +662,12 @@ class GenerationConfig:
         if self.refresh_every is not None:
             check_int("refresh_every", self.refresh_every, 1, MAX_STEPS)
         if self.pipeline != "fast_dllm":
-            for name, off in (("cache", "prefix"), ("block_length", None), ("early_stop", False)):
+            for name, off in (
+                ("cache", "prefix"),
+                ("block_length", None),
+                ("early_stop", False),
+                ("block_start", "first"),
+            ):
                 if getattr(self, name) != off:
                     raise ValueError(f"{name}={getattr(self, name)!r} needs pipeline='fast_dllm'")
         else:
@@ -671,6 +682,8 @@ class GenerationConfig:
                 raise ValueError("alg_temp has no meaning in the 'fast_dllm' pipeline (it never draws positions)")
             if self.batch_coupled:
                 raise ValueError("the 'fast_dllm' pipeline decides per sequence: pass batch_coupled=False")
+            if self.block_start not in BLOCK_STARTS:
+                raise ValueError(f"block_start must be one of {BLOCK_STARTS}, got {self.block_start!r}")
         if self.cache != "prefix" and not self.prefill:
             raise ValueError(f"cache={self.cache!r} reuses K/V: it cannot be combined with prefill=False")
         if self.cache == "prefix":

@@ -18,6 +18,7 @@ from dimple_rt.testing.tiny_checkpoint import write_tiny_checkpoint
 
 BACKENDS = ("kernels", "reference")
 CACHES = ("block", "dual")
+BLOCK_STARTS = ("first", "threshold")
 CANVAS, BLOCK = 12, 4
 PROMPTS = ["Hi there", "What colour is the big circle in the picture?"]
 
@@ -56,15 +57,17 @@ def test_refreshes_that_keep_the_prompt_cache_equal_dimples_prefill(rt: dimple_r
     assert kept[0].num_forward_passes == prefilled[0].num_forward_passes
 
 
+@pytest.mark.parametrize("block_start", BLOCK_STARTS)
 @pytest.mark.parametrize("cache", ["prefix", *CACHES])
 def test_blocks_are_decoded_in_order_and_nothing_is_committed_outside_the_current_block(
-    rt: dimple_rt.Runtime, cache: str
+    rt: dimple_rt.Runtime, cache: str, block_start: str
 ) -> None:
     prompt_len = rt.prepare(PROMPTS[1]).input_ids.shape[1]
     mask_id = rt.config.mask_token_id
     previous = torch.full((CANVAS,), mask_id)
     finished_blocks = 0
-    for step in rt.stream(PROMPTS[1], max_new_tokens=CANVAS, pipeline="fast_dllm", block_length=BLOCK, cache=cache):
+    options = {"pipeline": "fast_dllm", "block_length": BLOCK, "cache": cache, "block_start": block_start}
+    for step in rt.stream(PROMPTS[1], max_new_tokens=CANVAS, threshold=0.2, **options):
         canvas = step.canvas[0]
         changed = (canvas != previous).nonzero()[:, 0]
         assert changed.numel() >= 1, "every step commits at least one position"
@@ -88,6 +91,9 @@ def test_forward_counts_follow_the_threshold_rule(rt: dimple_rt.Runtime, cache: 
     # A shorter last block is allowed (Fast-dLLM asserts divisibility; we do not).
     odd = _fast(rt, PROMPTS[0], threshold=1e-9, cache=cache, block_length=5)
     assert odd.num_forward_passes == 2 * 3
+    # block_start='threshold': a block whose every position passes is done in its first step.
+    assert _fast(rt, PROMPTS[0], threshold=1e-9, cache=cache, block_start="threshold").num_forward_passes == 3
+    assert _fast(rt, PROMPTS[0], threshold=1.0, cache=cache, block_start="threshold").num_forward_passes == CANVAS
 
 
 @pytest.mark.parametrize("cache", ["prefix", *CACHES])
@@ -160,6 +166,8 @@ def test_early_stop_fills_the_rest_with_the_terminator() -> None:
         ({"pipeline": "fast_dllm", "refresh_every": 2}, "refresh_every=2 needs cache='block' or 'dual'"),
         ({"pipeline": "fast_dllm", "refresh_prompt": False}, "refresh_prompt=False needs cache='block' or 'dual'"),
         ({"pipeline": "fast_dllm", "cache": "ring"}, "cache must be one of"),
+        ({"pipeline": "fast_dllm", "block_start": "last"}, "block_start must be one of"),
+        ({"block_start": "threshold"}, "block_start='threshold' needs pipeline='fast_dllm'"),
         ({"pipeline": "fast_dllm", "block_length": 0}, "block_length must be an integer"),
         ({"pipeline": "fast_dllm", "cache": "dual", "refresh_every": 0}, "refresh_every must be an integer"),
     ],

@@ -139,21 +139,26 @@ def _plan(options: GenerationConfig, first: bool, keep: int, total: int, blocks:
         # A refresh: every position's K/V recomputed and cached (the prompt's only when asked, and always at
         # the first forward, which fills the cache).
         return Span(0 if first or options.refresh_prompt else keep, total)
+    # Output p - 1 predicts position p, so a span's first position must be known. Fast-dLLM's first step
+    # commits the block's first masked position; after a 'threshold' first step that may still be a mask, so
+    # the span then starts one earlier, at a position of the previous block (or the prompt's last token).
+    start -= options.block_start == "threshold"
     if options.cache == "block":
         return Span(start, total)
     return Span(start, end, total - end)
 
 
-def _candidates(masks: torch.Tensor, span: Span, blocks: Blocks | None) -> torch.Tensor:
+def _candidates(masks: torch.Tensor, span: Span, blocks: Blocks | None, block_start: str) -> torch.Tensor:
     """(B, len) bool: the masked positions of the span this step may commit. Without blocks every masked one;
-    in a block only its masked positions, and on the block's first step only each row's first one."""
+    in a block only its masked positions, and on the block's first step with ``block_start="first"`` only each
+    row's first one."""
     if blocks is None:
         return masks
     start, end = blocks.bounds[blocks.index]
     allowed = torch.zeros_like(masks)
     allowed[:, max(start - span.start, 0) : end - span.start] = True
     candidates = masks & allowed
-    if blocks.step == 0:
+    if blocks.step == 0 and block_start == "first":
         first = candidates.cumsum(dim=1) == 1
         candidates &= first
     return candidates
@@ -226,7 +231,7 @@ def denoise(
             break
         span = _plan(options, i == 0, keep, total, blocks)
         x = ids[:, span.start : span.end].clone()  # (B, len)
-        candidates = _candidates(x == mask_id, span, blocks)  # (B, len)
+        candidates = _candidates(x == mask_id, span, blocks, options.block_start)  # (B, len)
         if bool((x[:, 0] == mask_id).any()):
             raise ValueError("the first token of a forward must not be a mask")
         rows = None
