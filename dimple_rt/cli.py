@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from dimple_rt import __version__
-from dimple_rt.config import ALG_CONFIDENCE, CACHES, PIPELINES, GenerationConfig
+from dimple_rt.config import ALG_CONFIDENCE, BLOCK_STARTS, CACHES, PIPELINES, GenerationConfig
 from dimple_rt.presets import PRESETS, preset_named
 
 if TYPE_CHECKING:
@@ -71,8 +71,14 @@ def _conversation(prompt: str, image: object | None) -> list[dict]:
 
 GENERATION_FIELDS = tuple(field.name for field in dataclasses.fields(GenerationConfig))
 """Every GenerationConfig option; each gets ``--name-with-dashes``."""
-CHOICES: dict[str, tuple[str, ...]] = {"alg": tuple(ALG_CONFIDENCE), "pipeline": PIPELINES, "cache": CACHES}
-"""Options whose values form a fixed set (argparse lists them and refuses others)."""
+CHOICES: dict[str, tuple[str, ...]] = {
+    "alg": tuple(ALG_CONFIDENCE),
+    "pipeline": PIPELINES,
+    "cache": CACHES,
+    "block_start": BLOCK_STARTS,
+}
+"""Options whose values form a fixed set (argparse lists them and refuses others; a str field not listed here
+still gets its flag, and GenerationConfig checks its value)."""
 PRIOR_OPTIONS = ("template", "response_length")
 """generate's structure-prior keywords, which are not GenerationConfig fields."""
 

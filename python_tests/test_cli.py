@@ -34,6 +34,7 @@ FAST = {
     "prefill": (["--prefill"], True),
     "cache": (["--cache", "dual"], "dual"),
     "block_length": (["--block-length", "8"], 8),
+    "block_start": (["--block-start", "threshold"], "threshold"),
     "refresh_every": (["--refresh-every", "3"], 3),
     "refresh_prompt": (["--no-refresh-prompt"], False),
     "early_stop": (["--early-stop"], True),
@@ -50,6 +51,7 @@ DIM = {
     "prefill": (["--no-prefill"], False),
     "cache": (["--cache", "prefix"], "prefix"),
     "block_length": (["--block-length", "none"], None),
+    "block_start": (["--block-start", "first"], "first"),
     "refresh_every": (["--refresh-every", "none"], None),
     "refresh_prompt": (["--refresh-prompt"], True),
     "early_stop": (["--no-early-stop"], False),
@@ -107,6 +109,7 @@ def test_flags_are_typed_from_the_annotations() -> None:
         (["--seed", "-1"], "--seed"),
         (["--steps", "0"], "--steps"),
         (["--cache", "dual"], "--cache"),
+        (["--block-start", "last"], "--block-start"),
         (["--visualize", "out.png"], "--visualize"),
     ],
 )

@@ -196,3 +196,26 @@ def test_steps_report_the_committed_positions_and_their_probabilities(tiny: Path
         assert torch.equal(streamed[index].positions, step.positions)
         before = canvas
     assert torch.equal(steps[-1].canvas, result.sequences[:, -8:])
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"pipeline": "dream", "threshold": None, "steps": 5},
+        {"pipeline": "fast_dllm", "cache": "dual", "block_length": 4},
+        {"pipeline": "fast_dllm", "cache": "block", "block_length": 3, "block_start": "threshold"},
+        {"pipeline": "fast_dllm", "cache": "dual", "block_length": 4, "block_start": "threshold", "refresh_every": 2},
+    ],
+)
+def test_committed_positions_in_every_pipeline(tiny: Path, options: dict) -> None:
+    """Whatever span a step computes (a block, a block starting one position early, the whole canvas), its
+    positions are the canvas positions it unmasked, row by row, and each confidence is a probability."""
+    rt = dimple_rt.Runtime(tiny)
+    steps = list(rt.stream(["Hi", "What colour is it?"], max_new_tokens=10, **options))
+    before = torch.full((2, 10), rt.config.mask_token_id)
+    for step in steps:
+        filled = ((before == rt.config.mask_token_id) & (step.canvas != rt.config.mask_token_id)).nonzero()
+        assert step.positions.tolist() == filled.tolist() and step.committed == len(filled)
+        assert bool(((step.confidences > 0) & (step.confidences <= 1)).all())
+        before = step.canvas
+    assert not bool((before == rt.config.mask_token_id).any())
