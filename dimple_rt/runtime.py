@@ -6,7 +6,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from collections.abc import Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import torch
 
 from .backend import BACKENDS, Backend, backend_for
 from .config import MAX_NEW_TOKENS, DimpleConfig, GenerationConfig, check_int
-from .generation.loop import DecodeRequest, LogitsHook, TokensHook, denoise
+from .generation.loop import DecodeRequest, LogitsHook, Step, TokensHook, denoise
 from .generation.priors import build_canvas, parse_template
 from .model.dimple import DimpleModel
 from .model.layers import cpu_has_bf16_gemm
@@ -71,19 +72,56 @@ def _as_batch(conversations: Prompt) -> list[list[Message]]:
 
 
 @dataclass
+class RunStats:
+    """Where one generate call's time went, for one row. A batch shares its seconds (its rows run together).
+
+    total_seconds: the whole call (templating, image preprocessing, vision tower, steps, detokenising);
+    vision_seconds: the vision tower (0 without images); decode_seconds: the step loop (forwards and decisions);
+    seconds_per_forward: decode_seconds over the batch's forwards; forward_passes: the steps this row needed,
+    up to and including the one that left its canvas without a mask (the batch's count if none did);
+    answer_tokens / canvas_tokens: the answer's length and the canvas's; tokens_per_second: answer tokens over
+    total_seconds.
+    """
+
+    total_seconds: float
+    vision_seconds: float
+    decode_seconds: float
+    seconds_per_forward: float
+    forward_passes: int
+    answer_tokens: int
+    canvas_tokens: int
+    tokens_per_second: float
+
+
+@dataclass
 class GenerationResult:
     """The outcome for one input of :meth:`Runtime.generate`.
 
     text: the answer, cut at the first ``<|endoftext|>``/``<|im_end|>``; token_ids: its ids; sequences:
     (1, prompt_len + max_new_tokens) prompt (with the batch's left padding) and canvas, as the authors return
-    them; num_forward_passes: steps executed for the batch; history: the sequences after every step, if asked.
+    them; num_forward_passes: steps executed for the batch; finish_reason: "stop" when the answer ended with a
+    terminator, "length" when it filled the canvas (OpenAI's names); stats: timings and counts
+    (:class:`RunStats`); history: the sequences after every step, if asked.
     """
 
     text: str
     token_ids: list[int]
     sequences: torch.Tensor
     num_forward_passes: int
+    finish_reason: str
+    stats: RunStats
     history: list[torch.Tensor] | None = None
+
+    def summary(self) -> str:
+        """The stats in one line, for people (the CLI and the chat print it after the answer)."""
+        s = self.stats
+        tokens = f"{s.answer_tokens} token{'' if s.answer_tokens == 1 else 's'}"
+        passes = f"{s.forward_passes} forward pass{'' if s.forward_passes == 1 else 'es'}"
+        return (
+            f"{tokens} (finish: {self.finish_reason}) in {s.total_seconds:.2f} s "
+            f"(vision {s.vision_seconds:.3f} s), {passes} at "
+            f"{1000 * s.seconds_per_forward:.1f} ms, {s.tokens_per_second:.1f} tokens/s"
+        )
 
 
 class Runtime:
@@ -220,6 +258,13 @@ class Runtime:
             return None
         return self.model.encode_images(inputs.pixel_values.to(self.device), inputs.image_grid_thw, self.backend)
 
+    def _seconds_since(self, start: float) -> float:
+        """Seconds since ``start`` (``time.perf_counter``) once the device's queued work is done: CUDA runs
+        asynchronously, so without the sync a timing would stop before its kernels do."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - start
+
     # Generation ---------------------------------------------------------------------------------------------------
 
     def _model_inputs(
@@ -251,11 +296,11 @@ class Runtime:
         response_length: int | None,
         parse_special_tokens: bool,
         options: dict[str, Any],
-    ) -> tuple[DecodeRequest, GenerationConfig]:
-        """Validate everything and encode the images once, before the first step. ``options`` may carry the
-        pre-tokenised ``input_ids``, ``attention_mask``, ``pixel_values``, ``image_grid_thw`` (video inputs are
-        refused by name) and a ``preset`` name (default: the Runtime's) whose options the others override; the
-        rest are GenerationConfig fields."""
+    ) -> tuple[DecodeRequest, GenerationConfig, float]:
+        """Validate everything and encode the images once, before the first step; also return the seconds the
+        vision tower took. ``options`` may carry the pre-tokenised ``input_ids``, ``attention_mask``,
+        ``pixel_values``, ``image_grid_thw`` (video inputs are refused by name) and a ``preset`` name (default:
+        the Runtime's) whose options the others override; the rest are GenerationConfig fields."""
         preset = preset_named(options.pop("preset")) if "preset" in options else self.preset
         if preset is not None:
             options = {**preset.options, **options}
@@ -280,7 +325,9 @@ class Runtime:
             raise TypeError(f"{err}; generate's options are {names}, preset, template and response_length") from None
         self._check_model_inputs(model_inputs, canvas_length=len(canvas))
         input_ids, attention_mask = model_inputs.input_ids, model_inputs.attention_mask
+        vision_start = time.perf_counter()
         features = self._image_features(model_inputs)
+        vision_seconds = 0.0 if features is None else self._seconds_since(vision_start)
         batch = input_ids.shape[0]
         request = DecodeRequest(
             input_ids=input_ids.to(self.device, torch.long),
@@ -289,7 +336,7 @@ class Runtime:
             image_features=features,
             image_grid_thw=model_inputs.image_grid_thw,
         )
-        return request, config
+        return request, config, vision_seconds
 
     @torch.inference_mode()
     def generate(
@@ -301,6 +348,7 @@ class Runtime:
         parse_special_tokens: bool = False,
         tokens_hook: TokensHook | None = None,
         logits_hook: LogitsHook | None = None,
+        on_step: Callable[[StreamStep], None] | None = None,
         **options: Any,
     ) -> GenerationResult | list[GenerationResult]:
         """Answer a prompt string, a conversation, or a batch of them, by Dimple's discrete diffusion.
@@ -317,34 +365,79 @@ class Runtime:
         ``response_length=k`` (``<|endoftext|>`` from position k). Special-token strings in message text stay
         text unless ``parse_special_tokens=True`` (a raw prompt built on purpose). Hooks: ``tokens_hook(step, x,
         logits) -> x`` and ``logits_hook(step, x, logits) -> logits``, the authors' signatures and shapes.
+        ``on_step(StreamStep)`` is called after every step with what :meth:`stream` yields (a live display, a
+        trace); its time is left out of the result's stats.
         Returns one GenerationResult, or a list for a batch.
         """
-        request, config = self._decode_request(inputs, template, response_length, parse_special_tokens, options)
+        start = time.perf_counter()
+        request, config, vision_seconds = self._decode_request(
+            inputs, template, response_length, parse_special_tokens, options
+        )
         history: list[torch.Tensor] = []
         sequences = torch.cat([request.input_ids, request.canvas], dim=1)
-        passes = 0
+        prompt_len, mask_id = request.input_ids.shape[1], self.config.mask_token_id
+        needed = torch.zeros(sequences.shape[0], dtype=torch.long)  # (batch,) steps until no mask; 0: not yet
+        passes, observer_seconds = 0, 0.0
+        decode_start = time.perf_counter()
         for step in denoise(self.model, self.backend, request, config, tokens_hook, logits_hook):
             sequences, passes = step.sequences, passes + 1
             if config.return_history:
                 history.append(step.sequences.cpu())
+            complete = ~(step.sequences[:, prompt_len:] == mask_id).any(dim=1).cpu()  # (batch,)
+            needed[complete & (needed == 0)] = passes
+            if on_step is not None:
+                observer_start = time.perf_counter()
+                on_step(_stream_step(step, prompt_len))
+                observer_seconds += time.perf_counter() - observer_start
+        decode_seconds = self._seconds_since(decode_start) - observer_seconds
+        needed[needed == 0] = passes
         results = self._results(
-            sequences.cpu(), request.input_ids.shape[1], passes, history if config.return_history else None
+            sequences.cpu(),
+            prompt_len,
+            passes,
+            history if config.return_history else None,
+            needed.tolist(),
+            (start, observer_seconds, vision_seconds, decode_seconds),
         )
         one_input = isinstance(inputs, str) or (isinstance(inputs, (list, tuple)) and not _is_batch(inputs))
         return results[0] if one_input else results
 
     def _results(
-        self, sequences: torch.Tensor, prompt_len: int, passes: int, history: list[torch.Tensor] | None
+        self,
+        sequences: torch.Tensor,
+        prompt_len: int,
+        passes: int,
+        history: list[torch.Tensor] | None,
+        needed: list[int],
+        timing: tuple[float, float, float, float],
     ) -> list[GenerationResult]:
+        """One result per row; ``timing`` is (the call's perf_counter start, on_step's seconds, vision seconds,
+        decode seconds)."""
+        start, observer_seconds, vision_seconds, decode_seconds = timing
+        canvas_tokens = sequences.shape[1] - prompt_len
+        answers = [self.tokenizer.answer_ids(sequences[row, prompt_len:]) for row in range(sequences.shape[0])]
+        texts = [self.tokenizer.decode(answer) for answer in answers]
+        total = time.perf_counter() - start - observer_seconds
         results = []
-        for row in range(sequences.shape[0]):
-            answer = self.tokenizer.answer_ids(sequences[row, prompt_len:])
+        for row, (answer, text) in enumerate(zip(answers, texts)):
+            stats = RunStats(
+                total_seconds=total,
+                vision_seconds=vision_seconds,
+                decode_seconds=decode_seconds,
+                seconds_per_forward=decode_seconds / passes if passes else 0.0,
+                forward_passes=needed[row],
+                answer_tokens=len(answer),
+                canvas_tokens=canvas_tokens,
+                tokens_per_second=len(answer) / total if total > 0 else 0.0,
+            )
             results.append(
                 GenerationResult(
-                    text=self.tokenizer.decode(answer),
+                    text=text,
                     token_ids=answer,
                     sequences=sequences[row : row + 1],
                     num_forward_passes=passes,
+                    finish_reason="stop" if len(answer) < canvas_tokens else "length",
+                    stats=stats,
                     history=None if history is None else [h[row : row + 1] for h in history],
                 )
             )
@@ -362,11 +455,11 @@ class Runtime:
         **options: Any,
     ) -> Iterator[StreamStep]:
         """Like :meth:`generate`, but yield the canvas after every step (a batch: one row per input)."""
-        request, config = self._decode_request(inputs, template, response_length, parse_special_tokens, options)
+        request, config, _ = self._decode_request(inputs, template, response_length, parse_special_tokens, options)
         prompt_len = request.input_ids.shape[1]
         with torch.inference_mode():
             for step in denoise(self.model, self.backend, request, config, tokens_hook, logits_hook):
-                yield StreamStep(step.step, step.sequences[:, prompt_len:].cpu(), step.committed)
+                yield _stream_step(step, prompt_len)
 
     def render_canvas(self, canvas: torch.Tensor) -> str:
         """Text of one canvas row ``(max_new_tokens,)`` with each mask shown as "␣", as the authors' demo does."""
@@ -384,8 +477,16 @@ class Runtime:
 @dataclass
 class StreamStep:
     """One step of :meth:`Runtime.stream`: canvas (batch, max_new_tokens) after the step; committed: tokens
-    written by the step over the batch."""
+    written by the step over the batch; positions (committed, 2): (row, canvas position) of each; confidences
+    (committed,): the probability the step's logits gave each committed token (plain softmax, for display)."""
 
     step: int
     canvas: torch.Tensor
     committed: int
+    positions: torch.Tensor
+    confidences: torch.Tensor
+
+
+def _stream_step(step: Step, prompt_len: int) -> StreamStep:
+    """The caller's view of a loop step: the canvas only, on the CPU."""
+    return StreamStep(step.step, step.sequences[:, prompt_len:].cpu(), step.committed, step.positions, step.confidences)

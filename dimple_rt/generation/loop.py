@@ -52,11 +52,27 @@ class DecodeRequest:
 @dataclass
 class Step:
     """The state after one executed step: sequences (batch, prompt_len + max_new_tokens), owned by the caller;
-    committed: tokens written this step over the whole batch."""
+    committed: tokens written this step over the whole batch; positions (committed, 2): (row, canvas position)
+    of each, row-major; confidences (committed,) fp32: the probability the step's logits gave each committed
+    token (the plain softmax, whatever the alg ranked by), for display; it plays no part in decisions."""
 
     step: int
     sequences: torch.Tensor
     committed: int
+    positions: torch.Tensor
+    confidences: torch.Tensor
+
+
+def _commit_record(
+    candidates: torch.Tensor, commit: torch.Tensor, x0: torch.Tensor, mask_logits: torch.Tensor, offset: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step's positions and confidences: ``candidates (B, len)`` in span columns (``offset`` = span start -
+    prompt_len), ``commit``/``x0 (N,)`` and ``mask_logits (N, V)`` over its masked entries in row-major order.
+    One softmax over the committed rows only, so the cost is bounded by the tokens written."""
+    positions = candidates.nonzero()[commit]  # (K, 2), the order of mask_logits' rows
+    positions[:, 1] += offset
+    probabilities = torch.softmax(mask_logits[commit], dim=-1, dtype=torch.float32)  # (K, V)
+    return positions.cpu(), probabilities.gather(1, x0[commit].unsqueeze(1)).squeeze(1).cpu()
 
 
 def _check_tokens(after: torch.Tensor, before: torch.Tensor, fixed: int, vocab_size: int, what: str) -> None:
@@ -254,6 +270,7 @@ def denoise(
                 backend.confident_select, mask_logits, row_ids, num_total_mask, StepInputs(i, schedule), options,
                 streams,
             )  # fmt: skip
+        positions, confidences = _commit_record(candidates, commit, x0, mask_logits, span.start - prompt_len)
         x[candidates] = torch.where(commit, x0, torch.full_like(x0, mask_id))
         if tokens_hook is not None:
             hooked = tokens_hook(i, x.clone(), logits)
@@ -263,6 +280,6 @@ def denoise(
         ids[:, span.start : span.end] = x
         if blocks is not None and options.early_stop:
             _stop_after_eos(ids, mask_id, config.pad_token_id, prompt_len, blocks.bounds[blocks.index][1])
-        yield Step(step=i, sequences=ids.clone(), committed=int(commit.sum()))
+        yield Step(i, ids.clone(), int(commit.sum()), positions, confidences)
         if options.pipeline == "dim" and not bool((ids == mask_id).any()):
             break
