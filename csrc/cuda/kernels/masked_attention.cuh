@@ -37,8 +37,10 @@
 //   stages: kStages = 3 for kD = 64, 2 for 96 and 128. A stage is a K and a V tile of 64 x (kD+8) elements
 //   (rows padded by 16 bytes so the 8 row addresses of every ldmatrix fall into different bank groups).
 //   Dynamic shared memory (TcConfig::kSmemBytes) = kStages · 2 · 64 · (kD+8) · 2 B + kStages · 64 mask bytes:
-//   69,760 B at kD = 128 and 53,376 B at 96 (2 stages), 55,488 B at 64 (3 stages): 3 blocks per SM fit the
-//   228 KB of an H100/H200 SM, 2 the 164 KB of an A100 (registers allow 2: see RESULTS.md's ptxas table).
+//   69,760 B at kD = 128 and 53,376 B at 96 (2 stages), 55,488 B at 64 (3 stages). Resident blocks per SM
+//   (128 threads): kD = 128 and 96 take 189-217 registers (sm_80/90 ptxas, no spills), so 2 (registers);
+//   kD = 64 takes 163, so 3 (H100/H200: 228 KB of shared memory allows 4; A100: 164 KB allows 2). Capping
+//   kD = 96/128 at 168 registers (3 blocks) spills 48-122 bytes, so __launch_bounds__ asks for 2 only.
 //   Q is staged in the last stage's K tile (unused until iteration 0 refills it), then held in registers as
 //   mma A fragments for the whole key loop.
 //   per warp: 16 rows. S = Q·Kᵀ with mma.m16n8k16 (fp32 accumulation; K fragments by ldmatrix), masking and
@@ -54,7 +56,8 @@
 //   132 floats: the 8 lanes of a quarter-warp hit distinct 16-byte bank groups) against broadcast float4 reads
 //   of Q, channels in order. P·V: lane l owns channels [4l, 4l + 4), float4 reads of V rows (shared by the
 //   warp's 4 rows), p broadcast by shuffles; float4 stores. Dynamic shared memory: Q 16 x 128 + 2 x (K 32 x
-//   132 + V 32 x 128) floats + 64 mask bytes = 74,816 B.
+//   132 + V 32 x 128) floats + 64 mask bytes = 74,816 B: 3 blocks per SM on H100, 2 on A100 (105-128
+//   registers allow 4).
 //
 // Split-KV (masked_attention_split.cuh). A decode step has few row tiles (Dimple-7B, batch 1, canvas 64: 7
 //   row tiles x 4 kv heads = 28 blocks for 132 SMs), so the keys of a row tile are dealt to num_splits blocks.
@@ -67,9 +70,11 @@
 //   The number of splits (choose_num_splits, host): FlashAttention-2's rule over the device's resident-block
 //   capacity (multiprocessor count x cudaOccupancyMaxActiveBlocksPerMultiprocessor of the kernel): none once
 //   the grid fills 80% of the capacity, else the smallest count within 85% of the best wave efficiency, at
-//   least 2 key tiles per split, at most 64 splits. Example, H100 (132 SMs, 2 resident blocks), Dimple-7B bf16,
-//   batch 1, canvas 64 over 2048 prefix keys: 28 blocks, 33 key tiles: 8 splits chosen, runs of 5 tiles -> 7
-//   splits, 196 blocks. DIMPLE_RT_ATTENTION_SPLITS=n forces n splits (tests: split boundaries, empty splits).
+//   least 2 key tiles per split, at most 64 splits. Examples, H100 (132 SMs x 2 resident blocks), Dimple-7B
+//   bf16: batch 1, canvas 64 over 2048 prefix keys: 28 blocks, 33 key tiles -> 7 splits (runs of 5 tiles), 196
+//   blocks; canvas 32 over 2048: 16 blocks -> 11 splits; canvas 256 over 2048: 112 blocks -> 2 splits; batch 4,
+//   canvas 256: 448 blocks -> no split. DIMPLE_RT_ATTENTION_SPLITS=n forces n splits (the tests use it to
+//   reach split boundaries, empty splits and splits whose keys are all masked on any GPU).
 //
 // Not done: a wgmma (sm_90a) path; the mma.sync path above runs on sm_90 as on sm_80.
 #pragma once
@@ -246,7 +251,8 @@ __device__ __forceinline__ void load_tile_async(T* smem, RowRefFn row_ref, int h
   constexpr int kChunk = 16 / sizeof(T);  // elements per 16 bytes
   constexpr int kChunks = kCols / kChunk;
   static_assert(kCols % kChunk == 0 && (kRows * kChunks) % kThreads == 0, "whole chunks per thread");
-#pragma unroll 4
+// Not unrolled: unrolling hoists every chunk's address maths (kD = 64: 240 registers instead of 163).
+#pragma unroll 1
   for (int k = 0; k < kRows * kChunks / kThreads; ++k) {
     const int c = static_cast<int>(threadIdx.x) + k * kThreads;
     const int r = c / kChunks, d0 = (c % kChunks) * kChunk;

@@ -20,7 +20,7 @@ namespace cuda {
 namespace attention {
 
 constexpr int kMaxSplits = 64;          // workspace and merge-loop bound
-constexpr int kMinTilesPerSplit = 2;    // a split reads at least two key tiles (else the merge costs more than it saves)
+constexpr int kMinTilesPerSplit = 2;    // key tiles per split at least (fewer: the merge costs more than it saves)
 constexpr float kSplitBusyFraction = 0.8f;  // no split once the grid holds 80% of the resident-block capacity
 constexpr float kSplitEfficiencyKeep = 0.85f;
 
@@ -115,7 +115,8 @@ __global__ void __launch_bounds__(kMergeThreads) masked_attention_merge_kernel(c
         const float w = exp2f(sp.lse[s * sp.rows_flat + row] - m);
         wsum += w;
         if (d0 < sp.ws_stride) {
-          const float4 x = *reinterpret_cast<const float4*>(sp.o_partial + (s * sp.rows_flat + row) * sp.ws_stride + d0);
+          const float4 x =
+              *reinterpret_cast<const float4*>(sp.o_partial + (s * sp.rows_flat + row) * sp.ws_stride + d0);
           o[0] = fmaf(w, x.x, o[0]);
           o[1] = fmaf(w, x.y, o[1]);
           o[2] = fmaf(w, x.z, o[2]);
