@@ -648,12 +648,19 @@ __device__ int scan_pick(const RowView<T>& view, W&& weight, double target, RowS
       carry += total;
       continue;
     }
+    // The first thread whose inclusive sum passes the target walks; if rounding between the block total and
+    // the per-thread sums leaves none, the last thread with weight (the segment's last weighted entry).
     const bool crosses = carry + excl + own > target;
-    if (threadIdx.x == 0) sh.red_i[0] = 0x7fffffff;
+    if (threadIdx.x == 0) {
+      sh.red_i[0] = 0x7fffffff;
+      sh.red_i[1] = -1;
+    }
     __syncthreads();
     if (crosses) atomicMin(sh.red_i, static_cast<int>(threadIdx.x));
+    if (own > 0.0) atomicMax(sh.red_i + 1, static_cast<int>(threadIdx.x));
     __syncthreads();
-    if (static_cast<int>(threadIdx.x) == sh.red_i[0]) {
+    const int walker = sh.red_i[0] != 0x7fffffff ? sh.red_i[0] : sh.red_i[1];
+    if (static_cast<int>(threadIdx.x) == walker) {
       double cum = carry + excl;
       int pick = -1, last = -1;
       float wp = 0.0f, wl = 0.0f;
@@ -876,7 +883,8 @@ __global__ void __launch_bounds__(kRowThreads) rows_kernel(const SelectArgs a) {
       }
     }
     // Ties at τ in index order have mass before them above + j·w (j = 0, 1, ...): kept while that <= target.
-    const double room = fmax(target - above, 0.0) / static_cast<double>(w_tau);
+    // (Ties of weight 0 change nothing: all kept.)
+    const double room = w_tau > 0.0f ? fmax(target - above, 0.0) / static_cast<double>(w_tau) : INFINITY;
     const unsigned keep_ties =
         level_count == 0 || room >= static_cast<double>(level_count - 1) ? level_count
                                                                           : static_cast<unsigned>(floor(room)) + 1u;
