@@ -247,7 +247,7 @@ def _filtered_probs(z: torch.Tensor, options: dict) -> torch.Tensor:
     keep = torch.ones_like(w, dtype=torch.bool)
     if options.get("top_p") is not None:
         order = torch.sort(zt, descending=True, stable=True).indices
-        before = torch.cumsum(w[order], 0) - w[order]
+        before = torch.cat([torch.zeros(1, dtype=w.dtype), torch.cumsum(w[order], 0)[:-1]])  # exclusive, exact
         keep = torch.zeros_like(keep).scatter_(0, order, before <= options["top_p"] * w.sum())
     if options.get("top_k") is not None:
         keep &= zt >= torch.topk(zt, options["top_k"]).values[-1]
@@ -278,16 +278,8 @@ def test_dimple_vocabulary_row_counts(rows: int, mode: str, tol) -> None:
     threshold and fallback commits, fused (one group) and per-row groups (9 groups: unfused)."""
     logits = tcs._logits(rows, tcs.BIG_VOCAB, torch.bfloat16, seed=rows, scale=3.0).to(DEVICE)
     ids = torch.arange(rows) * 9 // rows
-    for coupled, row_ids, n in (
-        (True, torch.zeros(rows, dtype=torch.long), torch.tensor([3])),
-        (False, ids, torch.tensor([1, 0, 2, 1, 3, 0, 1, 2, 1])),
-    ):
-        for threshold in (None, 0.5):
-            _check(
-                logits,
-                row_ids,
-                n,
-                tol(torch.float32),
-                batch_coupled=coupled,
-                **tcs._options(mode, "plain", rows, threshold),
-            )
+    coupled = (True, torch.zeros(rows, dtype=torch.long), torch.tensor([3]))
+    per_row = (False, ids, torch.tensor([1, 0, 2, 1, 3, 0, 1, 2, 1]))
+    for (batch_coupled, row_ids, n), threshold in ((coupled, None), (coupled, 0.5), (per_row, 0.5)):
+        options = tcs._options(mode, "plain", rows, threshold)
+        _check(logits, row_ids, n, tol(torch.float32), batch_coupled=batch_coupled, **options)
