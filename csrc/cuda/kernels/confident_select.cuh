@@ -14,14 +14,16 @@
 //    step. The finishing block then runs finish_row(): the value checks, commit[r] = false, and either the
 //    final x0/confidence (greedy with a plain/margin confidence and no active filter: Dimple's default, done
 //    in this one pass) or the row's RowStats for rows_kernel.
-// 2. rows_kernel (sampling, an active top-p/top-k, neg_entropy): one block of kRowThreads per row, starting
-//    from RowStats (no max pass). Passes, each only when needed: St = Σ exp(zt − mt); top-k = radix select on
-//    order keys (4 x 8 bits, integer counts, warp-aggregated atomics); top-p = locate the cut level with
-//    WARP-PRIVATE histograms of integer counts + a 2^-40 fixed-point mass (two 32-bit integer shared atomics
-//    with an exact carry: no fp64 shared atomics, no CAS loops) over the distance to the max, then the radix
-//    levels; then verify_level() makes the cut EXACT with one fp64 block reduction (and steps to the adjacent
-//    value level in the rare case the fixed-point mass put the crossing one level off). Ties at the cut level
-//    are kept in index order (find_tie_cut). The kept set is never materialised: kept() is a predicate.
+// 2. rows_kernel (sampling, an active top-p/top-k, neg_entropy): one block of kRowThreads per row (not split),
+//    starting from RowStats (no max pass). Sections ("// ----"), each only when needed: St = Σ exp(zt − mt);
+//    top-k = radix select on order keys (4 x 8 bits, integer counts, warp-aggregated atomics); top-p = LOCATE
+//    the cut level with WARP-PRIVATE histograms (private_add/combine_private: integer counts + a 2^-40
+//    fixed-point mass as two 32-bit integer shared atomics with an exact carry; no fp64 shared atomics, no CAS
+//    loops) over the distance to the max, then 4 radix levels inside the crossing distance bin; then the
+//    "Exact:" step makes the cut exact with fp64 block reductions (mass above the level, its count, the
+//    adjacent levels) and steps to the adjacent level while the fixed-point sums put it off (0 steps in
+//    practice, at most kMaxLevelSteps; past that only entries of weight < ~1e-12 could differ). Ties at the cut
+//    level are kept in index order (a coalesced ballot scan). The kept set is never stored: kept() decides.
 // 3. Draw: scan_pick() walks the row in index order in COALESCED segments (thread t owns the t-th 16-byte
 //    vector of the segment, so thread order is index order); per segment one block scan of per-thread fp64
 //    sums, and only the segment where the running sum crosses u·Σ is walked, by the one thread that holds the
