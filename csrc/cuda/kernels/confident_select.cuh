@@ -22,8 +22,9 @@
 //    loops) over the distance to the max, then 4 radix levels inside the crossing distance bin; then the
 //    "Exact:" step makes the cut exact with fp64 block reductions (mass above the level, its count, the
 //    adjacent levels) and steps to the adjacent level while the fixed-point sums put it off (0 steps in
-//    practice, at most kMaxLevelSteps; past that only entries of weight < ~1e-12 could differ). Ties at the cut
-//    level are kept in index order (a coalesced ballot scan). The kept set is never stored: kept() decides.
+//    practice, at most kMaxLevelSteps; past that the cut can differ only by levels whose total weight is under
+//    the fixed-point error, V·2^-41 ≈ 7e-8 of the top weight at V = 152064). Ties at the cut level are kept in
+//    index order (a coalesced ballot scan). The kept set is never stored: kept() decides.
 // 3. Draw: scan_pick() walks the row in index order in COALESCED segments (thread t owns the t-th 16-byte
 //    vector of the segment, so thread order is index order); per segment one block scan of per-thread fp64
 //    sums, and only the segment where the running sum crosses u·Σ is walked, by the one thread that holds the
