@@ -19,7 +19,8 @@ cmake/build_config.py. Environment knobs:
 - ``DIMPLE_RT_CUDA`` = auto (default) | 1 | 0. ``auto`` compiles ``csrc/cuda/*.cu`` when the installed torch
   is a CUDA build (``torch.version.cuda``) and a CUDA toolkit is found; never by probing for a GPU.
   ``CUDA_HOME`` names the toolkit root (the folder whose bin/ holds the real nvcc; the nvcc on PATH may be a
-  wrapper script). ``TORCH_CUDA_ARCH_LIST`` defaults to "8.0;9.0" (needed when no GPU is visible).
+  wrapper script). ``TORCH_CUDA_ARCH_LIST`` defaults to "8.0;9.0+PTX" (needed when no GPU is visible; the PTX
+  lets GPUs newer than sm_90 JIT-compile the kernels instead of failing with "no kernel image").
 - ``DEBUG=1``: -O0 -g.
 
 The extension always links the shared libstdc++ that torch uses (see shared_libstdcxx_link_args).
@@ -214,7 +215,7 @@ def extensions() -> list:
     )
     if config["cuda_home"]:
         os.environ["CUDA_HOME"] = config["cuda_home"]  # read by torch.utils.cpp_extension at import
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")  # +PTX: newer GPUs JIT it
     from torch.utils import cpp_extension
 
     kind = cpp_extension.CUDAExtension if config["cuda_home"] else cpp_extension.CppExtension

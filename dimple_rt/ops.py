@@ -193,8 +193,9 @@ def confident_select(
     the group size. All maths is fp32 from the logits (sums in float64).
 
     A row with a NaN or +inf logit, or only -inf, raises ValueError "confident_select: logits row {r} has no
-    finite maximum (every entry -inf, or +inf/NaN present)" on the CPU (and in the reference); the CUDA kernel
-    cannot raise without a host round trip and gives such a row its argmax and a NaN confidence instead.
+    finite maximum (every entry -inf, or +inf/NaN present)" on every device (and in the reference), as do bad
+    values of n, row_ids and uniforms: the CUDA op reads its kernels' error flags back once per call. Under CUDA
+    graph capture it cannot: there such a row gets an in-vocabulary id and a NaN confidence, ranked last.
 
     Returns ``(x0 (N,) int64, confidence (N,) float32, commit (N,) bool)``. Exact semantics and rounding:
     :func:`dimple_rt.reference.confident_select` (same signature). Bad arguments raise ValueError / TypeError.

@@ -499,9 +499,9 @@ def confident_select(
     shape (1,), when ``batch_coupled``; else one entry per batch row, indexed by row id). Returns
     ``(x0 (N,) int64, confidence (N,) float32, commit (N,) bool)``. Every row needs a finite maximum logit and no
     NaN: otherwise ValueError "confident_select: logits row {r} has no finite maximum (every entry -inf, or
-    +inf/NaN present)" naming the first such row (the CUDA kernel cannot raise without a host round trip: it
-    gives such a row its argmax and a NaN confidence). temperature is 0 or a positive value that stays positive
-    and finite in fp32; threshold is not NaN.
+    +inf/NaN present)" naming the first such row (the CUDA op raises it too, except under CUDA graph capture,
+    where such a row gets an in-vocabulary id and a NaN confidence). temperature is 0 or a positive value that
+    stays positive and finite in fp32; threshold is not NaN.
 
     With z = fp32 logits, m = max z, w0 = exp(z − m), S0 = Σ w0 (sums in float64, divided in fp32 as
     ``w / fl32(S)``):

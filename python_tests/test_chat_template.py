@@ -14,11 +14,12 @@ from typing import Any
 
 import jinja2
 import pytest
+from _transformers_oracle import require_transformers
 
 from dimple_rt.testing.tiny_tokenizer import QWEN2_5_VL_CHAT_TEMPLATE, write_tiny_tokenizer
 from dimple_rt.tokenizer import DimpleTokenizer
 
-transformers = pytest.importorskip("transformers")
+transformers = require_transformers()
 
 README_PROMPT = (
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"

@@ -11,8 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from _transformers_oracle import require_transformers
 
-transformers = pytest.importorskip("transformers")
+transformers = require_transformers()
 from transformers.models.qwen2 import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 from transformers.models.qwen2_5_vl import Qwen2_5_VLConfig, Qwen2_5_VLModel  # noqa: E402
 

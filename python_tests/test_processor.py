@@ -18,10 +18,17 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
+from _transformers_oracle import require_transformers
 
-from dimple_rt.processor import (
+transformers = require_transformers()
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (  # noqa: E402
+    Qwen2VLImageProcessorPil,
+)
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (  # noqa: E402
+    smart_resize as hf_smart_resize,
+)
+
+from dimple_rt.processor import (  # noqa: E402
     PREPROCESSOR_CONFIG,
     ImageProcessor,
     ProcessedImages,

@@ -20,11 +20,12 @@ from pathlib import Path
 import pytest
 import regex
 import torch
+from _transformers_oracle import require_transformers
 
 from dimple_rt.testing.tiny_tokenizer import ADDED_TOKENS, write_tiny_tokenizer
 from dimple_rt.tokenizer import DimpleTokenizer
 
-transformers = pytest.importorskip("transformers")
+transformers = require_transformers()
 
 NUM_RANDOM_STRINGS = 300
 

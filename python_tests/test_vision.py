@@ -10,13 +10,22 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
-from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
-from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
+from _transformers_oracle import require_transformers
 
-from dimple_rt import reference
-from dimple_rt.config import VisionConfig
-from dimple_rt.model.vision import (
+transformers = require_transformers()
+from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig  # noqa: E402
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (  # noqa: E402
+    Qwen2_5_VisionTransformerPretrainedModel,
+)
+from transformers.vision_utils import (  # noqa: E402
+    get_vision_cu_seqlens,
+    get_vision_position_ids,
+    get_vision_window_index,
+)
+
+from dimple_rt import reference  # noqa: E402
+from dimple_rt.config import VisionConfig  # noqa: E402
+from dimple_rt.model.vision import (  # noqa: E402
     VisionTower,
     image_cu_seqlens,
     vision_rotary_freqs,
