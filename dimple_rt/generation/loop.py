@@ -52,11 +52,12 @@ class DecodeRequest:
 @dataclass
 class Step:
     """The state after one executed step: sequences (batch, prompt_len + max_new_tokens), owned by the caller;
-    committed: tokens written this step over the whole batch."""
+    committed: tokens written this step over the whole batch; last: no step follows (:func:`ends_after`)."""
 
     step: int
     sequences: torch.Tensor
     committed: int
+    last: bool = False
 
 
 def _check_tokens(after: torch.Tensor, before: torch.Tensor, fixed: int, vocab_size: int, what: str) -> None:
@@ -276,7 +277,7 @@ def write_step(
     logits: torch.Tensor | None = None,
 ) -> Step:
     """Write step ``i``'s committed tokens (then the tokens hook's edit, given the step's full ``logits``) into
-    ``state.ids``; the Step after it."""
+    ``state.ids``; the Step after it, which says whether it is the decode's last."""
     config, ids = state.config, state.ids
     x[candidates] = torch.where(commit, x0, torch.full_like(x0, config.mask_token_id))
     if tokens_hook is not None:
@@ -288,7 +289,7 @@ def write_step(
     if state.blocks is not None and state.options.early_stop:
         end = state.blocks.bounds[state.blocks.index][1]
         _stop_after_eos(ids, config.mask_token_id, config.pad_token_id, state.prompt_len, end)
-    return Step(step=i, sequences=ids.clone(), committed=int(commit.sum()))
+    return Step(step=i, sequences=ids.clone(), committed=int(commit.sum()), last=ends_after(state, i))
 
 
 def ends_after(state: DecodeState, i: int) -> bool:
@@ -356,6 +357,7 @@ def denoise(
         else:
             mask_logits = out.logits[0]  # (N, V), the same rows in the same order
         commit, x0 = decide_step(backend, state, i, mask_logits, candidates)
-        yield write_step(state, i, span, x, candidates, commit, x0, tokens_hook, logits)
-        if ends_after(state, i):
+        step = write_step(state, i, span, x, candidates, commit, x0, tokens_hook, logits)
+        yield step
+        if step.last:
             break
