@@ -66,19 +66,21 @@ class Request:
     text: str = ""
     forward_passes: int = 0
 
-    def send(self, client: openai.OpenAI) -> tuple[float, Any]:
-        seed = self.options.get("seed")
-        temperature = self.options.get("temperature")
+    def body(self) -> dict[str, Any]:
+        """The client's keyword arguments: OpenAI's fields, Dimple's options in the extension object."""
         dimple = {k: v for k, v in self.options.items() if k not in ("seed", "temperature")}
+        return {
+            "model": MODEL,
+            "messages": self.messages,
+            "max_tokens": self.max_tokens,
+            "seed": self.options.get("seed"),
+            "temperature": self.options.get("temperature"),
+            "extra_body": {"dimple": dimple} if dimple else None,
+        }
+
+    def send(self, client: openai.OpenAI) -> tuple[float, Any]:
         begin = time.perf_counter()
-        reply = client.chat.completions.create(
-            model=MODEL,
-            messages=self.messages,
-            max_tokens=self.max_tokens,
-            seed=seed,
-            temperature=temperature,
-            extra_body={"dimple": dimple} if dimple else None,
-        )
+        reply = client.chat.completions.create(**self.body())
         return time.perf_counter() - begin, reply
 
 
@@ -222,17 +224,8 @@ async def _overfill(url: str, requests: list[Request], count: int) -> dict[str, 
 
     async def one(k: int) -> None:
         request = requests[k % len(requests)]
-        seed, temperature = request.options.get("seed"), request.options.get("temperature")
-        dimple = {key: v for key, v in request.options.items() if key not in ("seed", "temperature")}
         try:
-            reply = await client.chat.completions.create(
-                model=MODEL,
-                messages=request.messages,
-                max_tokens=request.max_tokens,
-                seed=seed,
-                temperature=temperature,
-                extra_body={"dimple": dimple} if dimple else None,
-            )
+            reply = await client.chat.completions.create(**request.body())
         except openai.RateLimitError:
             outcome["429"] += 1
             return

@@ -97,7 +97,7 @@ class Metrics:
                 (
                     "forward_passes_total",
                     "counter",
-                    "Batched forwards run (one denoising step each).",
+                    "Forward passes run (each is one denoising step of each of its requests).",
                     self.forward_passes,
                 ),
                 ("row_steps_total", "counter", "Request steps run (a forward over n rows counts n).", self.row_steps),
