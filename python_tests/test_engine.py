@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,28 +24,38 @@ from dimple_rt.tiny import tasks
 
 MIXED_OPTIONS: list[dict[str, Any]] = [
     {"max_new_tokens": 16},
-    {"max_new_tokens": 24, "threshold": None},
+    {"max_new_tokens": 12, "threshold": None},
     {"max_new_tokens": 16, "temperature": 1.0, "seed": 3},
-    {"max_new_tokens": 32, "alg": "origin", "threshold": None, "temperature": 0.7, "seed": 5},
-    {"max_new_tokens": 16, "prefill": False, "threshold": None},
+    {"max_new_tokens": 16, "alg": "origin", "threshold": None, "temperature": 0.7, "seed": 5},
+    {"max_new_tokens": 8, "prefill": False, "threshold": None},
     {"max_new_tokens": 20, "alg": "topk_margin", "threshold": 0.5},
     {"max_new_tokens": 16, "pipeline": "dream", "steps": 8, "threshold": None},
     {"max_new_tokens": 16, "pipeline": "fast_dllm", "block_length": 4, "threshold": 0.9},
     {"max_new_tokens": 16, "pipeline": "fast_dllm", "cache": "dual", "block_length": 8, "threshold": 0.9},
     {"max_new_tokens": 12, "alg": "entropy", "threshold": None},
     {"max_new_tokens": 16, "temperature": 0.5, "top_p": 0.9, "seed": 11, "threshold": None},
-    {"max_new_tokens": 40, "alg": "origin-ratio", "threshold": None, "seed": 2},
+    {"max_new_tokens": 24, "alg": "origin-ratio", "threshold": None, "seed": 2},
 ]
 
 
-@pytest.fixture(scope="module", params=["kernels", "reference"])
-def tiny(request: pytest.FixtureRequest) -> Runtime:
-    return Runtime("dimple-tiny", backend=request.param)
+@pytest.fixture(scope="module")
+def tiny() -> Runtime:
+    return Runtime("dimple-tiny")
 
 
 @pytest.fixture(scope="module")
-def random_rt(tmp_path_factory: pytest.TempPathFactory) -> Runtime:
-    return Runtime(write_tiny_checkpoint(tmp_path_factory.mktemp("tiny")))
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def random_rt(checkpoint: Path) -> Runtime:
+    return Runtime(checkpoint)
+
+
+@pytest.fixture(scope="module", params=["kernels", "reference"])
+def random_any(checkpoint: Path, request: pytest.FixtureRequest) -> Runtime:
+    return Runtime(checkpoint, backend=request.param)
 
 
 def _tiny_conversations(count: int) -> list[list[dict]]:
@@ -125,8 +136,9 @@ def test_joining_sequences_equal_their_single_answers(tiny: Runtime) -> None:
     assert any(len(set(steps)) >= 3 for _, steps in cached)  # rows at 3 different steps in one forward
 
 
-def test_random_checkpoint_many_steps(random_rt: Runtime) -> None:
-    """No threshold (one or a few tokens per step, so many steps), prompts of 6 lengths: exact canvases."""
+def test_random_checkpoint_many_steps(random_any: Runtime) -> None:
+    """No threshold (one or a few tokens per step, so many steps), prompts of 6 lengths: exact canvases, on
+    both backends."""
     conversations = _random_conversations(9)
     base: list[dict[str, Any]] = [
         {"threshold": None},
@@ -137,8 +149,8 @@ def test_random_checkpoint_many_steps(random_rt: Runtime) -> None:
         {"threshold": None, "alg": "entropy", "steps": 6},
     ]
     options = [{"max_new_tokens": 8 + 4 * (i % 3), **base[i % len(base)]} for i in range(len(conversations))]
-    engine, sequences, _ = _run(random_rt, conversations, options, join_per_step=3)
-    _check_single_answers(random_rt, conversations, options, sequences)
+    engine, sequences, _ = _run(random_any, conversations, options, join_per_step=3)
+    _check_single_answers(random_any, conversations, options, sequences)
     assert engine.total_forwards < sum(s.forwards for s in sequences)
 
 

@@ -11,17 +11,23 @@ leave. Sequences share forwards by kind, whatever their step, prompt length, can
 - ``full``: every step of a ``prefill=False`` sequence (the whole sequence, no cache).
 
 Each kind is one batched forward over its rows, padded to a common layout with the attention key mask hiding
-the padding: ``prefill``/``full`` rows are left padded, as Runtime's batches; ``cached`` rows put their prompt
-K/V right-aligned before one common cache start in a pooled cache (rebuilt only when the rows change) and their
-current tokens after it, right padded. So a steady state runs one forward per step, plus one for the sequences
-joining at that boundary (their prompts are longer than the others' canvases: padding them together would
-multiply the others' work) and one for any ``prefill=False`` sequences.
+the padding: ``prefill``/``full`` rows are right padded (positions are explicit, so padding may follow the
+tokens); ``cached`` rows put their prompt K/V right-aligned before one common cache start in a pooled cache
+(rebuilt only when the rows change), and their current tokens after it, right padded. So a steady state runs
+one forward per step, plus one for the sequences joining at that boundary (their prompts are longer than the
+others' canvases: padding them together would multiply the others' work) and one for any ``prefill=False``
+sequences.
 
 After the forward each row decides alone from its own state (step index, schedule, mask count, streams)
 through :func:`~dimple_rt.generation.loop.decide_step`, exactly as :func:`~dimple_rt.generation.loop.denoise`
 decides for a request of one: per-sequence decisions make each answer the single-request answer, tokens and
-forward count, as long as the forward's floating point does not depend on its companions (padding changes the
-attention's key layout and the GEMMs' shapes; python_tests/test_engine.py checks the tokens).
+forward count, as long as the forward's floating point does not depend on its companions. Measured on an
+AVX-512 CPU: the linears do not (a row's outputs are the same bits among 66-1300 rows, fp32 and bf16, 128-3584
+wide), and with the reference backend dimple-tiny's every batched forward gives each row its solo logits bit
+for bit, as do the kernels' ``prefill``/``full`` forwards (trailing masked keys change nothing). The kernels' attention tiles the concatenated [prefix ‖
+current] keys by 64, so a ``cached`` row whose prompt is shorter than the longest one (masked keys before its
+prefix) gets attention sums rounded differently: logits off by ~1e-5. Decisions then agree unless a confidence
+sits within that of a threshold or a tie; python_tests/test_engine.py checks the tokens.
 
 Sequences that cannot share a forward run their own ``denoise`` generator, one forward each per step:
 fast_dllm's 'block'/'dual' caches (the span of each forward depends on the sequence's block) and hooks (full
@@ -250,13 +256,12 @@ class Engine:
             state = sequence.state
             assert state is not None
             n = x.shape[1]
-            at = 0 if kind == "cached" else length - n  # cached rows right padded, the others left padded
-            ids[row, at : at + n] = x[0]
-            positions[:, row, at : at + n] = state.position_ids[:, 0, span.start : span.end]
-            image_mask[row, at : at + n] = state.image_mask[0, span.start : span.end]
-            wanted[row, at : at + n] = logits_rows(candidates)[0]
+            ids[row, :n] = x[0]
+            positions[:, row, :n] = state.position_ids[:, 0, span.start : span.end]
+            image_mask[row, :n] = state.image_mask[0, span.start : span.end]
+            wanted[row, :n] = logits_rows(candidates)[0]
             key_mask[row, start - span.start : start] = state.attention_mask[0, : span.start]
-            key_mask[row, start + at : start + at + n] = state.attention_mask[0, span.start : span.end]
+            key_mask[row, start : start + n] = state.attention_mask[0, span.start : span.end]
             if span.start == 0 and state.image_features is not None:
                 features.append(state.image_features)
         cache = None
@@ -279,11 +284,9 @@ class Engine:
             logits_rows=wanted,
         )
         if cache is not None and kind == "prefill":
-            for row, (sequence, (_, x, _)) in enumerate(rows):
-                at, keep = length - x.shape[1], sequence.prompt_len - 1
-                sequence.prefix = [
-                    (k[row, at : at + keep].clone(), v[row, at : at + keep].clone()) for k, v in cache.layers
-                ]
+            for row, (sequence, _) in enumerate(rows):
+                keep = sequence.prompt_len - 1
+                sequence.prefix = [(k[row, :keep].clone(), v[row, :keep].clone()) for k, v in cache.layers]
         return out.logits[0]
 
     def _pooled(self, sequences: list[Sequence], start: int, length: int) -> KVCache:
