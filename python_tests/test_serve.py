@@ -321,11 +321,10 @@ def test_a_request_arriving_mid_decode_joins_the_running_forwards(
     [{"dimple": {"threshold": None}}, {"temperature": 1.0, "seed": 3, "dimple": {"alg": "origin", "threshold": None}}],
     ids=["greedy", "sampled"],
 )
-def test_one_batched_group_of_mixed_prompts_equals_single_answers(
-    server: Server, runtime: Runtime, options: dict
-) -> None:
-    """Four requests with the same options, two with pictures and two text-only of different lengths, decode as one
-    left-padded batch over many steps; each answer (and its forward passes) equals the request alone."""
+def test_one_batch_of_mixed_prompts_equals_single_answers(server: Server, runtime: Runtime, options: dict) -> None:
+    """Four requests, two with pictures and two text-only of different lengths, decode in the same forwards over
+    many steps (padded, their prompt K/V in one pooled cache); each answer (and its forward passes) equals the
+    request alone."""
     texts = ["Hello.", "What colour is a red square? Answer in a few words, please."]
     conversations = [_conversation(_example(i)) for i in (3, 4)] + [[{"role": "user", "content": t}] for t in texts]
     messages = [_request(_example(i)) for i in (3, 4)] + [[{"role": "user", "content": t}] for t in texts]
