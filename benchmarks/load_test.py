@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """Load test of ``dimple-rt serve`` on dimple-tiny (issue 17): continuous batching under concurrent clients.
 
-    python benchmarks/load_test.py [--clients 32] [--per-client 4] [--overfill 256]   # from the repository root
+    PYTHONPATH=. python benchmarks/load_test.py [--clients 32] [--per-client 4] [--overfill 256]   # from the repo root
 
 Loopback only: the server is a ``dimple-rt serve dimple-tiny`` subprocess on 127.0.0.1 at a free port, driven by
 the real ``openai`` client. Requests are 16 distinct ones: dimple-tiny's held-out questions, half with their
@@ -143,6 +143,12 @@ def _rss_mib(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for process {pid}")
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _metrics(url: str) -> dict[str, float]:
     samples: dict[str, float] = {}
     for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
@@ -259,7 +265,9 @@ def main(argv: list[str] | None = None) -> int:
         rss = {"start": _rss_mib(process.pid)}
         sequential = _sequential(client, requests)
         before = _metrics(url)
+        cpu = (_cpu_seconds(process.pid), time.process_time())
         concurrent = _concurrent(client, requests, args.clients, args.per_client)
+        server_cpu, client_cpu = _cpu_seconds(process.pid) - cpu[0], time.process_time() - cpu[1]
         after = _metrics(url)
         rss["after concurrent"] = _rss_mib(process.pid)
         rounds = []
@@ -279,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     forwards = after["dimple_forward_passes_total"] - before["dimple_forward_passes_total"]
     row_steps = after["dimple_row_steps_total"] - before["dimple_row_steps_total"]
     print(f"# dimple-rt serve load test: {MODEL}, loopback, {os.cpu_count()} CPUs, {total:.1f} s in all")
+    print(f"(dimple_rt from {Path(dimple_rt.__file__).parent}; the server imports the same)")
     print(f"(single-request answers from Runtime.generate: {answers_seconds:.1f} s, model load included)\n")
     print("| calls | requests | errors | wrong answers | requests/s | answer tok/s | canvas tok/s | p50 s | p99 s |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -294,7 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     speedup = (len(concurrent.latencies) / concurrent.seconds) / (len(sequential.latencies) / sequential.seconds)
     print(f"\nconcurrent / sequential requests/s: {speedup:.2f}x; concurrent phase: {forwards:.0f} forwards for "
           f"{row_steps:.0f} request steps ({row_steps / max(forwards, 1):.1f} rows per forward), "
-          f"peak rows in one forward {after['dimple_peak_forward_rows']:.0f}\n")  # fmt: skip
+          f"peak rows in one forward {after['dimple_peak_forward_rows']:.0f}, peak requests decoding "
+          f"{after['dimple_peak_batch_size']:.0f}; CPU seconds in it: server {server_cpu:.1f}, clients "
+          f"{client_cpu:.1f}, over {concurrent.seconds:.1f} s on {os.cpu_count()} CPUs\n")  # fmt: skip
     print(f"| overfill round ({args.overfill} at once, --max-queue {MAX_QUEUE}) | answered | 429 | other errors | "
           "wrong answers |")  # fmt: skip
     print("|---|---|---|---|---|")
