@@ -338,6 +338,20 @@ class Runtime:
         )
         return request, config, vision_seconds
 
+    def decode_request(
+        self,
+        inputs: Prompt | ModelInputs | Mapping[str, Any] | None = None,
+        *,
+        template: str | None = None,
+        response_length: int | None = None,
+        parse_special_tokens: bool = False,
+        **options: Any,
+    ) -> tuple[DecodeRequest, GenerationConfig]:
+        """What :meth:`generate` would decode, checked, with the images encoded: for the step engine
+        (:class:`~dimple_rt.generation.engine.Engine`), which decodes many such requests side by side."""
+        with torch.inference_mode():
+            return self._decode_request(inputs, template, response_length, parse_special_tokens, options)
+
     @torch.inference_mode()
     def generate(
         self,

@@ -249,9 +249,9 @@ def test_stop_string_cuts_the_answer(client: openai.OpenAI, runtime: Runtime) ->
 def test_concurrent_requests_join_one_batch_and_equal_single_answers(
     server: Server, client: openai.OpenAI, runtime: Runtime
 ) -> None:
-    """Held in the queue, then released together: the two with default options decode as one batch, the two
-    seeded ones each alone, all side by side; a fifth request meets a full queue (429 with Retry-After); and
-    each answer equals its single-request answer."""
+    """Held in the queue, then released together: all four decode in the same forwards, greedy and seeded
+    ones alike; a fifth request meets a full queue (429 with Retry-After); and each answer equals its
+    single-request answer."""
     examples = [_example(i) for i in range(MAX_QUEUE)]
     options = [{"temperature": 1.0, "seed": i} if i % 2 else {} for i in range(MAX_QUEUE)]
 
@@ -278,10 +278,42 @@ def test_concurrent_requests_join_one_batch_and_equal_single_answers(
     finally:
         server.scheduler.resume()
     assert server.scheduler.metrics.peak_batch_size == MAX_BATCH
-    assert server.scheduler.metrics.peak_forward_rows == 2  # requests 0 and 2 share options: one batched forward
+    assert server.scheduler.metrics.peak_forward_rows == MAX_BATCH  # different options, one batched forward
     for i, answer in enumerate(answers):
         expected = runtime.generate(_conversation(examples[i]), max_new_tokens=MAX_TOKENS, **options[i])
         assert answer == expected.text, f"request {i}"
+
+
+def test_a_request_arriving_mid_decode_joins_the_running_forwards(
+    server: Server, client: openai.OpenAI, runtime: Runtime
+) -> None:
+    """A request sent while another decodes (a 2000-step 'dream' stream) joins its forwards at a step boundary:
+    every step of it after its first (the prefill of its prompt) adds a row to a forward that runs anyway. Its
+    answer and forward passes equal the request alone."""
+    metrics = server.scheduler.metrics
+    cancelled = metrics.finished["cancelled"]
+    body = _body(stream=True, dimple={"pipeline": "dream", "steps": 2000, "threshold": None})
+    headers = {"Authorization": f"Bearer {KEY}"}
+    example, options = _example(2), {"threshold": None}
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, headers=headers, timeout=60) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()  # kept: a dropped iterator closes the response
+        next(lines)  # the long request is decoding
+        forwards, rows = metrics.forward_counts()
+        reply = client.chat.completions.create(
+            model=MODEL, messages=_request(example), max_tokens=MAX_TOKENS, extra_body={"dimple": options}
+        )
+        forwards_after, rows_after = metrics.forward_counts()
+        assert server.scheduler.batch_size == 1  # the long one is still decoding
+    expected = runtime.generate(_conversation(example), max_new_tokens=MAX_TOKENS, **options)
+    passes = reply.model_extra["dimple"]["forward_passes"]
+    assert reply.choices[0].message.content == expected.text and passes == expected.num_forward_passes
+    assert passes > 2
+    assert (rows_after - rows) - (forwards_after - forwards) == passes - 1  # its steps that shared a forward
+    deadline = time.monotonic() + 20
+    while metrics.finished["cancelled"] == cancelled:  # the dropped stream leaves
+        assert time.monotonic() < deadline, "the dropped request was not cancelled"
+        time.sleep(0.05)
 
 
 @pytest.mark.parametrize(
@@ -289,11 +321,10 @@ def test_concurrent_requests_join_one_batch_and_equal_single_answers(
     [{"dimple": {"threshold": None}}, {"temperature": 1.0, "seed": 3, "dimple": {"alg": "origin", "threshold": None}}],
     ids=["greedy", "sampled"],
 )
-def test_one_batched_group_of_mixed_prompts_equals_single_answers(
-    server: Server, runtime: Runtime, options: dict
-) -> None:
-    """Four requests with the same options, two with pictures and two text-only of different lengths, decode as one
-    left-padded batch over many steps; each answer (and its forward passes) equals the request alone."""
+def test_one_batch_of_mixed_prompts_equals_single_answers(server: Server, runtime: Runtime, options: dict) -> None:
+    """Four requests, two with pictures and two text-only of different lengths, decode in the same forwards over
+    many steps (padded, their prompt K/V in one pooled cache); each answer (and its forward passes) equals the
+    request alone."""
     texts = ["Hello.", "What colour is a red square? Answer in a few words, please."]
     conversations = [_conversation(_example(i)) for i in (3, 4)] + [[{"role": "user", "content": t}] for t in texts]
     messages = [_request(_example(i)) for i in (3, 4)] + [[{"role": "user", "content": t}] for t in texts]
@@ -351,7 +382,13 @@ BAD_REQUESTS = {
     "max_tokens a bool": (_body(max_tokens=True), 400, "max_tokens", "max_tokens must be"),
     "seed a float": (_body(seed=1.5), 400, "seed", "seed"),
     "not an object": (b"[1, 2]", 400, None, "JSON object"),
-    "unknown field": (_body(frequency_penalty=0.5), 400, "frequency_penalty", "unsupported field"),
+    "unknown field": (_body(best_of=2), 400, "best_of", "unsupported field"),
+    "a penalty": (_body(frequency_penalty=0.5), 400, "frequency_penalty", "frequency_penalty=0.5 is not supported"),
+    "logprobs": (_body(logprobs=True), 400, "logprobs", "logprobs=true is not supported"),
+    "JSON output": (_body(response_format={"type": "json_object"}), 400, "response_format", "is not supported"),
+    "a required tool": (_body(tool_choice="required"), 400, "tool_choice", '"none" or "auto"'),
+    "tools": (_body(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools", "no tools"),
+    "a bool penalty": (_body(presence_penalty=False), 400, "presence_penalty", "is not supported"),
     "huge max_tokens": (_body(max_tokens=10**12), 400, "max_tokens", "max_tokens must be"),
     "canvas past the model's positions": (_body(max_tokens=5000), 400, "max_tokens", "max_position_embeddings"),
     "empty messages": (_body(messages=[]), 400, "messages", "non-empty list"),
@@ -392,6 +429,46 @@ def test_bad_requests_get_openai_errors(server: Server, case: str) -> None:
         assert error["param"] == param
     if case.endswith("image") or "URL" in case or "base64" in case:
         assert error["param"].startswith("messages[0].content[")
+
+
+def test_harmless_defaults_that_clients_send_are_accepted(client: openai.OpenAI, runtime: Runtime) -> None:
+    """The real client with every OpenAI field set to a value that changes nothing here: the answer is the
+    plain one."""
+    example = _example(0)
+    reply = client.chat.completions.create(
+        model=MODEL,
+        messages=_request(example),
+        max_completion_tokens=MAX_TOKENS,
+        n=1,
+        presence_penalty=0,
+        frequency_penalty=0.0,
+        logprobs=False,
+        top_logprobs=0,
+        logit_bias={},
+        user="someone",
+        response_format={"type": "text"},
+        modalities=["text"],
+        tools=[],
+        tool_choice="none",
+        parallel_tool_calls=False,
+        store=False,
+        metadata={"team": "tests"},
+        service_tier="auto",
+        safety_identifier="someone",
+        prompt_cache_key="k",
+    )
+    expected = runtime.generate(_conversation(example), max_new_tokens=MAX_TOKENS)
+    assert reply.choices[0].message.content == expected.text
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=_request(example),
+        max_tokens=MAX_TOKENS,
+        stream=True,
+        stream_options={"include_usage": True},
+        tool_choice="auto",
+        response_format={"type": "text"},
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected.text
 
 
 def test_api_key_is_enforced(server: Server) -> None:

@@ -1,19 +1,20 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The serving scheduler on a scripted runtime (no model): admission, the bounded queue, step interleaving,
-timeouts, cancellation, failures that must not stop the worker, and shutdown. Plus the streamed committed
-prefix on dimple-tiny's tokenizer."""
+"""The serving scheduler on a scripted runtime and engine (no model): admission into the running batch, the
+bounded queue, timeouts, cancellation, failures that must not stop the worker, and shutdown. Plus the streamed
+committed prefix on dimple-tiny's tokenizer."""
 
 from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
 
+from dimple_rt.generation.engine import Forward, Sequence
+from dimple_rt.generation.loop import DecodeRequest, Step
 from dimple_rt.serve.errors import APIError
 from dimple_rt.serve.scheduler import Failed, Finished, Progress, Scheduler, Started
 from dimple_rt.serve.schemas import ChatRequest
@@ -26,13 +27,6 @@ END = 8
 WAIT = 10.0
 
 
-@dataclass
-class _Step:
-    step: int
-    canvas: torch.Tensor
-    committed: int
-
-
 class _Tokenizer:
     def answer_ids(self, ids: list[int]) -> list[int]:
         ids = list(ids)
@@ -43,50 +37,74 @@ class _Tokenizer:
 
 
 class ScriptedRuntime:
-    """``prepare`` takes a conversation (or a batch of them) whose one message's content is a script: ``name``,
-    ``steps`` (canvas length, one position unmasked per step), ``sleep`` (seconds per step), ``fail_at`` (raise
-    RuntimeError at that step), ``bad`` (ValueError at the first step), ``bad_prompt`` (ValueError in prepare),
-    ``seed`` (an option: requests with different seeds decode apart). ``log`` records (group name, step)."""
+    """``prepare`` takes a conversation whose one message's content is a script: ``name``, ``steps`` (canvas
+    length, one position unmasked per step), ``sleep`` (seconds per step), ``fail_at`` (the sequence fails with
+    RuntimeError at that step), ``bad`` (ValueError from decode_request), ``bad_prompt`` (ValueError in
+    prepare), ``explode`` (the whole engine step raises at the sequence's first step)."""
 
     def __init__(self) -> None:
         self.tokenizer = _Tokenizer()
         self.config = SimpleNamespace(mask_token_id=MASK)
-        self.log: list[tuple[str, int]] = []
-        self.closed: list[str] = []
-        self.prepared: list[list[str]] = []
+        self.prepared: list[str] = []
 
-    def prepare(self, conversations: list) -> Any:
-        batch = conversations if isinstance(conversations[0], list) else [conversations]
-        scripts = [conversation[0]["content"] for conversation in batch]
-        if any(script.get("bad_prompt") for script in scripts):
+    def prepare(self, conversation: list) -> Any:
+        script = conversation[0]["content"]
+        if script.get("bad_prompt"):
             raise ValueError("the prompt is bad")
-        self.prepared.append([script["name"] for script in scripts])
-        input_ids = torch.zeros(len(scripts), 3, dtype=torch.long)
-        return type("Inputs", (), {"input_ids": input_ids, "scripts": scripts})()
+        self.prepared.append(script["name"])
+        return SimpleNamespace(input_ids=torch.zeros(1, 3, dtype=torch.long), script=script)
 
-    def stream(self, inputs: Any, template: object = None, response_length: object = None, **options: Any) -> Any:
-        """Every row unmasks one position per step, then fills the rest of its canvas with the end token; the
-        batch runs as long as its longest script."""
-        scripts = inputs.scripts
-        name = "+".join(script["name"] for script in scripts)
-        steps = max(script["steps"] for script in scripts)
-        canvas = torch.full((len(scripts), steps), MASK)
-        try:
-            for step in range(steps):
-                if any(script.get("bad") for script in scripts):
-                    raise ValueError("max_new_tokens is too large")
-                if any(step == script.get("fail_at") for script in scripts):
-                    raise RuntimeError("boom")
-                time.sleep(max(script.get("sleep", 0.0) for script in scripts))
-                for row, script in enumerate(scripts):
-                    if step < script["steps"]:
-                        canvas[row, step] = step % END
-                    if step == script["steps"] - 1:
-                        canvas[row, step + 1 :] = END  # a shorter answer ends: the rest of its canvas is the end
-                self.log.append((name, step))
-                yield _Step(step, canvas.clone(), len(scripts))
-        finally:
-            self.closed.append(name)
+    def decode_request(self, inputs: Any, **options: Any) -> tuple[DecodeRequest, dict]:
+        script = inputs.script
+        if script.get("bad"):
+            raise ValueError("max_new_tokens is too large")
+        canvas = torch.full((1, script["steps"]), MASK)
+        request = DecodeRequest(inputs.input_ids, torch.ones_like(inputs.input_ids), canvas)
+        return request, {"script": script, **options}
+
+
+class ScriptedEngine:
+    """The engine's contract without a model: every sequence unmasks one position per step, then fills the
+    rest of its canvas with the end token. ``log`` records the names in each step; ``removed`` the sequences
+    taken out before they were done."""
+
+    def __init__(self) -> None:
+        self.sequences: list[Sequence] = []
+        self.forwards: list[Forward] = []
+        self.log: list[list[str]] = []
+        self.removed: list[str] = []
+
+    def add(self, request: DecodeRequest, options: dict, *, tag: Any = None) -> Sequence:
+        sequence = Sequence(request, tag)
+        sequence.state = options["script"]  # type: ignore[assignment]
+        self.sequences.append(sequence)
+        return sequence
+
+    def remove(self, sequence: Sequence) -> None:
+        if sequence in self.sequences:
+            self.sequences.remove(sequence)
+            self.removed.append(sequence.state["name"])  # type: ignore[index]
+
+    def step(self) -> list[Sequence]:
+        stepped = list(self.sequences)
+        scripts = [sequence.state for sequence in stepped]
+        if any(script.get("explode") for script in scripts):  # type: ignore[union-attr]
+            raise RuntimeError("the engine broke")
+        time.sleep(max(script.get("sleep", 0.0) for script in scripts))  # type: ignore[union-attr]
+        for sequence, script in zip(stepped, scripts):
+            i = sequence.forwards
+            if i == script.get("fail_at"):  # type: ignore[union-attr]
+                sequence.error = RuntimeError("boom")
+                continue
+            canvas = sequence.canvas.clone()
+            canvas[i] = i % END
+            finished = i == script["steps"] - 1  # type: ignore[index]
+            sequence.last_step = Step(i, torch.cat([torch.zeros(3, dtype=torch.long), canvas])[None], 1, finished)
+            sequence.forwards, sequence.finished = i + 1, finished
+        self.log.append([script["name"] for script in scripts])  # type: ignore[index]
+        self.forwards = [Forward("cached", len(stepped), len(stepped), 0.0)]
+        self.sequences = [sequence for sequence in self.sequences if not sequence.done]
+        return stepped
 
 
 class Collector:
@@ -118,11 +136,16 @@ def runtime() -> ScriptedRuntime:
 
 
 @pytest.fixture
-def make(runtime: ScriptedRuntime):
+def engine() -> ScriptedEngine:
+    return ScriptedEngine()
+
+
+@pytest.fixture
+def make(runtime: ScriptedRuntime, engine: ScriptedEngine):
     made: list[Scheduler] = []
 
     def build(**kwargs: Any) -> Scheduler:
-        scheduler = Scheduler(runtime, **kwargs)
+        scheduler = Scheduler(runtime, engine=engine, **kwargs)
         scheduler.start()
         made.append(scheduler)
         return scheduler
@@ -144,26 +167,28 @@ def test_events_of_a_request(make) -> None:
     assert final.completion.forward_passes == 3 and final.completion.prompt_tokens == 3
 
 
-def test_requests_with_the_same_options_share_a_forward_and_groups_take_turns(make, runtime: ScriptedRuntime) -> None:
-    scheduler = make(max_batch=3, max_queue=4)
-    scheduler.pause()
-    outs = {name: Collector() for name in "abcd"}
-    scheduler.submit(_request("a"), outs["a"])
-    scheduler.submit(_request("b"), outs["b"])
-    scheduler.submit(_request("c", seed=1), outs["c"])  # other options: its own group
-    scheduler.submit(_request("d"), outs["d"])  # beyond max_batch: waits for a slot
-    scheduler.resume()
-    for out in outs.values():
+def test_requests_join_the_running_batch_at_a_step_boundary(make, engine: ScriptedEngine) -> None:
+    """A request that arrives while another decodes joins its steps; beyond max_batch one waits for a slot,
+    which it takes at the step after a request leaves."""
+    scheduler = make(max_batch=2, max_queue=4)
+    first, second, third = Collector(), Collector(), Collector()
+    scheduler.submit(_request("a", steps=6, sleep=0.02), first)
+    while not first.events:
+        time.sleep(0.005)
+    scheduler.submit(_request("b", steps=3, sleep=0.02), second)
+    scheduler.submit(_request("c", steps=2, sleep=0.02), third)
+    for out in (first, second, third):
         assert isinstance(out.result(), Finished)
-    names = [name for name, _ in runtime.log]
-    assert names[:4] == ["a+b", "c", "a+b", "c"]
-    assert names.index("d") >= 6  # joins at a step boundary once a group has left
-    assert ["a", "b"] in runtime.prepared
-    assert scheduler.metrics.peak_batch_size == 3 and scheduler.metrics.peak_forward_rows == 2
-    assert [outs[n].result().completion.text for n in "abcd"] == ["abc"] * 4
+    joined = next(i for i, names in enumerate(engine.log) if "b" in names)
+    assert joined >= 1 and engine.log[joined] == ["a", "b"]  # b joined a, which was already decoding
+    assert all(len(names) <= 2 for names in engine.log)
+    left = max(i for i, names in enumerate(engine.log) if "b" in names)
+    assert engine.log[left + 1] == ["a", "c"]  # c took b's slot at the next step
+    assert [out.result().completion.forward_passes for out in (first, second, third)] == [6, 3, 2]
+    assert scheduler.metrics.peak_batch_size == 2 and scheduler.metrics.peak_forward_rows == 2
 
 
-def test_a_finished_row_leaves_its_group_early(make) -> None:
+def test_a_finished_request_leaves_the_batch_early(make) -> None:
     scheduler = make(max_batch=2)
     scheduler.pause()
     short, long = Collector(), Collector()
@@ -171,23 +196,38 @@ def test_a_finished_row_leaves_its_group_early(make) -> None:
     scheduler.submit(_request("long", steps=6), long)
     scheduler.resume()
     assert short.result().completion.forward_passes == 2  # as alone: it has no mask left after 2 steps
-    assert not long.done.is_set() or long.result().completion.forward_passes == 6
     assert long.result().completion.forward_passes == 6
 
 
-def test_a_group_failing_at_its_first_step_retries_each_member_alone(make, runtime: ScriptedRuntime) -> None:
-    scheduler = make(max_batch=2)
+def test_a_failing_request_fails_alone(make, engine: ScriptedEngine) -> None:
+    scheduler = make(max_batch=3)
     scheduler.pause()
-    bad, good = Collector(), Collector()
+    bad, crash, good = Collector(), Collector(), Collector()
     scheduler.submit(_request("bad", bad=True), bad)
+    scheduler.submit(_request("crash", fail_at=1), crash)
     scheduler.submit(_request("good"), good)
     scheduler.resume()
-    assert bad.result().error.status == 400
+    assert bad.result().error.status == 400 and bad.result().error.param == "max_tokens"
+    assert crash.result().error.status == 500 and "boom" in crash.result().error.message
     assert isinstance(good.result(), Finished)
-    assert "bad+good" in runtime.closed
+    assert engine.log[0] == ["crash", "good"]
 
 
-def test_cancelling_one_member_leaves_the_others_decoding(make, runtime: ScriptedRuntime) -> None:
+def test_an_engine_step_that_raises_fails_the_batch_not_the_worker(make) -> None:
+    scheduler = make(max_batch=2)
+    scheduler.pause()
+    doomed, companion = Collector(), Collector()
+    scheduler.submit(_request("x", explode=True), doomed)
+    scheduler.submit(_request("y"), companion)
+    scheduler.resume()
+    assert doomed.result().error.status == 500 and companion.result().error.status == 500
+    out = Collector()
+    scheduler.submit(_request("after"), out)
+    assert isinstance(out.result(), Finished)
+    assert scheduler.batch_size == 0
+
+
+def test_cancelling_one_request_leaves_the_others_decoding(make, engine: ScriptedEngine) -> None:
     scheduler = make(max_batch=2)
     scheduler.pause()
     first, second = Collector(), Collector()
@@ -198,7 +238,7 @@ def test_cancelling_one_member_leaves_the_others_decoding(make, runtime: Scripte
         time.sleep(0.01)
     scheduler.cancel(job)
     assert isinstance(second.result(), Finished)
-    assert not first.done.is_set()
+    assert not first.done.is_set() and engine.removed == ["x"]
     assert scheduler.metrics.finished["cancelled"] == 1
 
 
@@ -218,18 +258,18 @@ def test_full_queue_answers_429_and_cancel_frees_a_slot(make) -> None:
     assert scheduler.metrics.finished["cancelled"] == 1
 
 
-def test_timeouts_in_the_queue_and_in_the_batch(make, runtime: ScriptedRuntime) -> None:
+def test_timeouts_in_the_queue_and_in_the_batch(make, engine: ScriptedEngine) -> None:
     scheduler = make(max_batch=1, timeout=0.3)
     slow, queued = Collector(), Collector()
     scheduler.submit(_request("slow", steps=1000, sleep=0.01), slow)
     scheduler.submit(_request("queued"), queued)
     assert slow.result().error.status == 504
     assert queued.result().error.status == 504
-    assert "slow" in runtime.closed
+    assert engine.removed == ["slow"]
     assert scheduler.metrics.finished["timeout"] == 2
 
 
-def test_cancel_of_an_active_request_closes_its_stream(make, runtime: ScriptedRuntime) -> None:
+def test_cancel_of_an_active_request_removes_it_from_the_engine(make, engine: ScriptedEngine) -> None:
     scheduler = make()
     out = Collector()
     job = scheduler.submit(_request("long", steps=10_000, sleep=0.001), out)
@@ -238,7 +278,7 @@ def test_cancel_of_an_active_request_closes_its_stream(make, runtime: ScriptedRu
         assert time.monotonic() < deadline
         time.sleep(0.01)
     scheduler.cancel(job)
-    while "long" not in runtime.closed:
+    while "long" not in engine.removed:
         assert time.monotonic() < deadline
         time.sleep(0.01)
     assert scheduler.batch_size == 0 and not out.done.is_set()

@@ -23,7 +23,7 @@ from dimple_rt.model.dimple import DimpleModel
 from dimple_rt.model.kv_cache import KVCache
 from dimple_rt.model.rope import get_rope_index
 
-from .decide import block_step, fused_step, make_streams, reference_step
+from .decide import Streams, block_step, fused_step, make_streams, reference_step
 from .schedule import StepInputs, masked_row_ids, timesteps
 
 
@@ -54,13 +54,15 @@ class Step:
     """The state after one executed step: sequences (batch, prompt_len + max_new_tokens), owned by the caller;
     committed: tokens written this step over the whole batch; positions (committed, 2): (row, canvas position)
     of each, row-major; confidences (committed,) fp32: the probability the step's logits gave each committed
-    token (the plain softmax, whatever the alg ranked by), for display; it plays no part in decisions."""
+    token (the plain softmax, whatever the alg ranked by), for display; it plays no part in decisions;
+    last: no step follows (:func:`ends_after`)."""
 
     step: int
     sequences: torch.Tensor
     committed: int
     positions: torch.Tensor
     confidences: torch.Tensor
+    last: bool = False
 
 
 def _commit_record(
@@ -68,11 +70,12 @@ def _commit_record(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Step's positions and confidences: ``candidates (B, len)`` in span columns (``offset`` = span start -
     prompt_len), ``commit``/``x0 (N,)`` and ``mask_logits (N, V)`` over its masked entries in row-major order.
-    One softmax over the committed rows only, so the cost is bounded by the tokens written."""
+    One log-sum-exp over the committed rows only, so the cost is bounded by the tokens written."""
     positions = candidates.nonzero()[commit]  # (K, 2), the order of mask_logits' rows
     positions[:, 1] += offset
-    probabilities = torch.softmax(mask_logits[commit], dim=-1, dtype=torch.float32)  # (K, V)
-    return positions.cpu(), probabilities.gather(1, x0[commit].unsqueeze(1)).squeeze(1).cpu()
+    rows = mask_logits[commit].float()  # (K, V)
+    chosen = rows.gather(1, x0[commit].unsqueeze(1)).squeeze(1)  # (K,)
+    return positions.cpu(), torch.exp(chosen - torch.logsumexp(rows, dim=-1)).cpu()
 
 
 def _check_tokens(after: torch.Tensor, before: torch.Tensor, fixed: int, vocab_size: int, what: str) -> None:
@@ -172,6 +175,160 @@ def _stop_after_eos(ids: torch.Tensor, mask_id: int, eos_id: int, prompt_len: in
     later[done[:, None] & (later == mask_id)] = eos_id
 
 
+@dataclass
+class DecodeState:
+    """One decode between its steps: the rows of a :class:`DecodeRequest` with their options, decided per row
+    (unless batch-coupled). :func:`denoise` runs one for a whole request; the step engine
+    (:mod:`~dimple_rt.generation.engine`) runs one per sequence and batches their forwards.
+
+    ids: (B, total) prompt and canvas, written by every step; attention_mask, image_mask: (B, total);
+    position_ids: (3, B, total); num_total_mask: per row, the masks after the initial tokens hook; limit: the
+    most steps the loop may take."""
+
+    config: DimpleConfig
+    options: GenerationConfig
+    ids: torch.Tensor
+    prompt_len: int
+    attention_mask: torch.Tensor
+    image_mask: torch.Tensor
+    position_ids: torch.Tensor
+    image_features: torch.Tensor | None
+    num_total_mask: list[int]
+    schedule: torch.Tensor
+    streams: Streams
+    blocks: Blocks | None
+    limit: int
+
+    @property
+    def total(self) -> int:
+        return self.ids.shape[1]
+
+    @property
+    def keep(self) -> int:
+        """The prompt K/V reused with prefilling: all but the last prompt token."""
+        return self.prompt_len - 1
+
+
+def start_decode(
+    config: DimpleConfig, request: DecodeRequest, options: GenerationConfig, tokens_hook: TokensHook | None = None
+) -> DecodeState:
+    """Check ``request`` and build the state before the first step (the initial ``tokens_hook`` call included)."""
+    mask_id, vocab_size = config.mask_token_id, config.vocab_size
+    input_ids, device = request.input_ids, request.input_ids.device
+    batch, prompt_len = input_ids.shape
+    if prompt_len < 1:
+        raise ValueError("the prompt must hold at least one token")
+    if bool((input_ids == mask_id).any()):
+        raise ValueError("the prompt contains <|mask|> tokens: only the response canvas may hold masks")
+
+    ids = torch.cat([input_ids, request.canvas.to(device)], dim=1)  # (B, total)
+    total = ids.shape[1]
+    attention_mask = torch.cat([request.attention_mask.to(device), torch.ones_like(request.canvas)], dim=1)
+    if tokens_hook is not None:
+        hooked = tokens_hook(None, ids.clone(), None)
+        _check_tokens(hooked, ids, prompt_len, vocab_size, "tokens_hook(None, ...)")
+        ids = hooked
+    image_mask = torch.zeros_like(ids, dtype=torch.bool)  # (B, total): the prompt's placeholders, not the canvas's
+    if config.image_token_id is not None:  # a text-only Dream model has none
+        image_mask[:, :prompt_len] = ids[:, :prompt_len] == config.image_token_id
+    num_total_mask = (ids == mask_id).sum(dim=1).tolist()  # per row; the authors' count is the sum
+    position_ids, _ = get_rope_index(ids, config, request.image_grid_thw, attention_mask)  # (3, B, total)
+    blocks = Blocks(prompt_len, total, options.block_length) if options.pipeline == "fast_dllm" else None
+    return DecodeState(
+        config=config,
+        options=options,
+        ids=ids,
+        prompt_len=prompt_len,
+        attention_mask=attention_mask,
+        image_mask=image_mask,
+        position_ids=position_ids,
+        image_features=request.image_features,
+        num_total_mask=num_total_mask,
+        schedule=timesteps(options.steps, options.eps, device),
+        streams=make_streams(options.seed, batch, device, options.batch_coupled),
+        blocks=blocks,
+        # fast_dllm commits at least one position per sequence with masks per step, so the canvas bounds its steps.
+        limit=total - prompt_len if blocks is not None else options.steps,
+    )
+
+
+def plan_step(state: DecodeState, i: int) -> tuple[Span, torch.Tensor, torch.Tensor] | None:
+    """Step ``i``'s span, its tokens ``x (B, len)`` (a copy) and the candidate masked positions ``(B, len)``
+    bool, or None when no block has a mask left (fast_dllm: the decode is over)."""
+    options, blocks, keep, total = state.options, state.blocks, state.keep, state.total
+    mask_id = state.config.mask_token_id
+    if blocks is not None and blocks.advance(state.ids == mask_id) is None:
+        return None
+    span = _plan(options, i == 0, keep, total, blocks)
+    x = state.ids[:, span.start : span.end].clone()  # (B, len)
+    candidates = _candidates(x == mask_id, span, blocks, options.block_start)  # (B, len)
+    if bool((x[:, 0] == mask_id).any()):
+        raise ValueError("the first token of a forward must not be a mask")
+    return span, x, candidates
+
+
+def logits_rows(candidates: torch.Tensor) -> torch.Tensor:
+    """(B, len) bool: the forward's output rows that predict a candidate (output p - 1 predicts position p)."""
+    rows = torch.zeros_like(candidates)
+    rows[:, :-1] = candidates[:, 1:]
+    return rows
+
+
+def decide_step(
+    backend: Backend, state: DecodeState, i: int, mask_logits: torch.Tensor, candidates: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step ``i``'s ``(commit, x0)`` over the candidates' logits ``mask_logits (N, V)`` (row-major over
+    (batch, position)), by the backend's step decision; NonFiniteLogitsError before any decision."""
+    _check_finite(mask_logits, i)
+    options, streams, batch = state.options, state.streams, state.ids.shape[0]
+    row_ids = masked_row_ids(candidates)
+    if state.blocks is not None:
+        return block_step(backend.confident_select, mask_logits, row_ids, batch, options, streams)
+    inputs = StepInputs(i, state.schedule)
+    if backend.confident_select is None:
+        return reference_step(mask_logits, row_ids, state.num_total_mask, inputs, options, streams)
+    return fused_step(backend.confident_select, mask_logits, row_ids, state.num_total_mask, inputs, options, streams)
+
+
+def write_step(
+    state: DecodeState,
+    i: int,
+    span: Span,
+    x: torch.Tensor,
+    candidates: torch.Tensor,
+    commit: torch.Tensor,
+    x0: torch.Tensor,
+    mask_logits: torch.Tensor,
+    tokens_hook: TokensHook | None = None,
+    logits: torch.Tensor | None = None,
+) -> Step:
+    """Write step ``i``'s committed tokens (then the tokens hook's edit, given the step's full ``logits``) into
+    ``state.ids``; the Step after it, with the committed positions and their confidences from the candidates'
+    logits ``mask_logits (N, V)``, which says whether it is the decode's last."""
+    config, ids = state.config, state.ids
+    positions, confidences = _commit_record(candidates, commit, x0, mask_logits, span.start - state.prompt_len)
+    x[candidates] = torch.where(commit, x0, torch.full_like(x0, config.mask_token_id))
+    if tokens_hook is not None:
+        hooked = tokens_hook(i, x.clone(), logits)
+        fixed = max(state.prompt_len - span.start, 0)
+        _check_tokens(hooked, x, fixed, config.vocab_size, f"tokens_hook({i}, ...)")
+        x = hooked
+    ids[:, span.start : span.end] = x
+    if state.blocks is not None and state.options.early_stop:
+        end = state.blocks.bounds[state.blocks.index][1]
+        _stop_after_eos(ids, config.mask_token_id, config.pad_token_id, state.prompt_len, end)
+    return Step(i, ids.clone(), int(commit.sum()), positions, confidences, last=ends_after(state, i))
+
+
+def ends_after(state: DecodeState, i: int) -> bool:
+    """Whether the decode is over after step ``i``: its step limit, or no mask left ('dim' stops there; a
+    fast_dllm decode would find no block to advance to; 'dream' runs all its steps)."""
+    if i + 1 >= state.limit:
+        return True
+    done = not bool((state.ids == state.config.mask_token_id).any())
+    return done and state.options.pipeline != "dream"
+
+
 def denoise(
     model: DimpleModel,
     backend: Backend,
@@ -190,65 +347,34 @@ def denoise(
     where x is (batch, total) for a full forward and (batch, max_new_tokens + 1) for a prefilled one.
     """
     config: DimpleConfig = model.config
-    mask_id, vocab_size = config.mask_token_id, config.vocab_size
-    input_ids, device = request.input_ids, request.input_ids.device
-    batch, prompt_len = input_ids.shape
-    keep = prompt_len - 1  # the prompt K/V reused with prefilling: all but the last prompt token
-    if prompt_len < 1:
-        raise ValueError("the prompt must hold at least one token")
-    if bool((input_ids == mask_id).any()):
-        raise ValueError("the prompt contains <|mask|> tokens: only the response canvas may hold masks")
     if options.cache != "prefix" and (tokens_hook is not None or logits_hook is not None):
         raise ValueError(f"cache={options.cache!r} computes part of the canvas per step: hooks need full logits")
-
-    ids = torch.cat([input_ids, request.canvas.to(device)], dim=1)  # (B, total)
-    total = ids.shape[1]
-    attention_mask = torch.cat([request.attention_mask.to(device), torch.ones_like(request.canvas)], dim=1)
-    if tokens_hook is not None:
-        hooked = tokens_hook(None, ids.clone(), None)
-        _check_tokens(hooked, ids, prompt_len, vocab_size, "tokens_hook(None, ...)")
-        ids = hooked
-    image_mask = torch.zeros_like(ids, dtype=torch.bool)  # (B, total): the prompt's placeholders, not the canvas's
-    if config.image_token_id is not None:  # a text-only Dream model has none
-        image_mask[:, :prompt_len] = ids[:, :prompt_len] == config.image_token_id
-    num_total_mask = (ids == mask_id).sum(dim=1).tolist()  # per row; the authors' count is the sum
-    position_ids, _ = get_rope_index(ids, config, request.image_grid_thw, attention_mask)  # (3, B, total)
-    schedule = timesteps(options.steps, options.eps, device)
-    streams = make_streams(options.seed, batch, device, options.batch_coupled)
+    state = start_decode(config, request, options, tokens_hook)
+    batch, total = state.ids.shape
     full_logits = tokens_hook is not None or logits_hook is not None
     cache = None
     if options.prefill:
         cache = KVCache.allocate(
             config.num_hidden_layers, batch, total, config.num_key_value_heads, config.head_dim,
-            model.lm_head.weight.dtype, device,
+            model.lm_head.weight.dtype, state.ids.device,
         )  # fmt: skip
-    blocks = Blocks(prompt_len, total, options.block_length) if options.pipeline == "fast_dllm" else None
-    # fast_dllm commits at least one position per sequence with masks per step, so the canvas bounds its steps.
-    limit = total - prompt_len if blocks is not None else options.steps
 
-    for i in range(limit):
-        if blocks is not None and blocks.advance(ids == mask_id) is None:
+    for i in range(state.limit):
+        planned = plan_step(state, i)
+        if planned is None:
             break
-        span = _plan(options, i == 0, keep, total, blocks)
-        x = ids[:, span.start : span.end].clone()  # (B, len)
-        candidates = _candidates(x == mask_id, span, blocks, options.block_start)  # (B, len)
-        if bool((x[:, 0] == mask_id).any()):
-            raise ValueError("the first token of a forward must not be a mask")
-        rows = None
-        if not full_logits:
-            rows = torch.zeros_like(candidates)
-            rows[:, :-1] = candidates[:, 1:]  # output p - 1 predicts position p
+        span, x, candidates = planned
         out = model(
             x,
             backend,
-            attention_mask=attention_mask,
-            position_ids=position_ids[:, :, span.start : span.end],
+            attention_mask=state.attention_mask,
+            position_ids=state.position_ids[:, :, span.start : span.end],
             image_features=request.image_features if span.start == 0 else None,
-            image_mask=image_mask[:, span.start : span.end],
+            image_mask=state.image_mask[:, span.start : span.end],
             cache=cache,
             cache_start=span.start,
             cache_suffix=span.suffix,
-            logits_rows=rows,
+            logits_rows=None if full_logits else logits_rows(candidates),
         )
         logits = None
         if full_logits:
@@ -258,28 +384,8 @@ def denoise(
             mask_logits = logits[candidates]  # (N, V), row-major over (batch, position)
         else:
             mask_logits = out.logits[0]  # (N, V), the same rows in the same order
-        _check_finite(mask_logits, i)
-
-        row_ids = masked_row_ids(candidates)
-        if blocks is not None:
-            commit, x0 = block_step(backend.confident_select, mask_logits, row_ids, batch, options, streams)
-        elif backend.confident_select is None:
-            commit, x0 = reference_step(mask_logits, row_ids, num_total_mask, StepInputs(i, schedule), options, streams)
-        else:
-            commit, x0 = fused_step(
-                backend.confident_select, mask_logits, row_ids, num_total_mask, StepInputs(i, schedule), options,
-                streams,
-            )  # fmt: skip
-        positions, confidences = _commit_record(candidates, commit, x0, mask_logits, span.start - prompt_len)
-        x[candidates] = torch.where(commit, x0, torch.full_like(x0, mask_id))
-        if tokens_hook is not None:
-            hooked = tokens_hook(i, x.clone(), logits)
-            fixed = max(prompt_len - span.start, 0)
-            _check_tokens(hooked, x, fixed, vocab_size, f"tokens_hook({i}, ...)")
-            x = hooked
-        ids[:, span.start : span.end] = x
-        if blocks is not None and options.early_stop:
-            _stop_after_eos(ids, mask_id, config.pad_token_id, prompt_len, blocks.bounds[blocks.index][1])
-        yield Step(i, ids.clone(), int(commit.sum()), positions, confidences)
-        if options.pipeline == "dim" and not bool((ids == mask_id).any()):
+        commit, x0 = decide_step(backend, state, i, mask_logits, candidates)
+        step = write_step(state, i, span, x, candidates, commit, x0, mask_logits, tokens_hook, logits)
+        yield step
+        if step.last:
             break

@@ -55,6 +55,11 @@ class Metrics:
             while self._recent and self._recent[0][0] < now - TOKENS_PER_SECOND_WINDOW:
                 self._recent.popleft()
 
+    def forward_counts(self) -> tuple[int, int]:
+        """(forward passes, request steps) read together: their difference is the steps that shared a forward."""
+        with self._lock:
+            return self.forward_passes, self.row_steps
+
     def finish(self, reason: str, prompt_tokens: int = 0, completion_tokens: int = 0, seconds: float = 0.0) -> None:
         with self._lock:
             self.finished[reason] += 1
@@ -92,7 +97,7 @@ class Metrics:
                 (
                     "forward_passes_total",
                     "counter",
-                    "Batched forwards run (one denoising step each).",
+                    "Forward passes run (each is one denoising step of each of its requests).",
                     self.forward_passes,
                 ),
                 ("row_steps_total", "counter", "Request steps run (a forward over n rows counts n).", self.row_steps),

@@ -1,20 +1,19 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The scheduler: owns the Runtime and runs every denoising step in one worker thread, off the event loop.
+"""The scheduler: owns the Runtime and a step engine (:class:`~dimple_rt.generation.engine.Engine`), and runs
+every denoising step in one worker thread, off the event loop.
 
 Requests wait in a bounded FIFO queue (full → 429 with Retry-After). Up to ``max_batch`` of them are decoded at
-once. At every step boundary the worker drops cancelled or timed-out requests and admits queued ones: each is
-prepared alone (its errors are its own), and the newcomers that share decoding options (GenerationConfig fields,
-max_tokens, template, response_length) start together as one *group*, one batched ``Runtime.stream`` over their
-conversations (left padded). Then every group advances one step, in turn. A request leaves as soon as its answer
-is final ('dim' pipeline: no mask left), even while the rest of its group decodes on.
+once, as continuous (step-level) batching: at every step boundary the worker drops cancelled and timed-out
+requests, admits queued ones into the running batch (each prepared alone, so its errors are its own: images
+encoded, options checked), and runs one engine step, in which every request advances by one denoising step.
+Requests at different steps, with different prompts and options, share the engine's forwards (one per step in
+the steady state, plus one for the requests joining at that boundary; see the engine for what runs alone). A
+request leaves as soon as its answer is final, and a queued one takes its place at the next boundary.
 
-Per-sequence decisions (the Runtime's default) make each row decode as it would alone, with its own RNG stream,
-so an answer equals ``Runtime.generate`` of that one request. If a group fails at its first step (say, one
-prompt holds a <|mask|> token), each member starts again alone, so the error reaches only its own request.
-
-What is not there yet: a request cannot join a group that is already decoding. Groups run their forwards one
-after another; one forward over rows at different steps, with their own prompt lengths and prefill caches,
-needs a step loop that takes rows in and out (generation/ and model/ work).
+Per-sequence decisions (the engine's only mode) make each row decode as it would alone, with its own RNG
+streams, so an answer equals ``Runtime.generate`` of that one request, tokens and forward passes. A request that
+fails (its logits are not finite, say) fails alone; an engine step that raises fails the requests in the batch
+(500), never the worker.
 
 Each request talks to its caller through ``emit(event)``, called from the worker thread: :class:`Started` after
 its first step (so every validation error arrives before it), :class:`Progress` after every step, then exactly
@@ -27,12 +26,11 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
+from dimple_rt.generation.engine import Engine, Sequence
 from dimple_rt.generation.loop import NonFiniteLogitsError
 
 from .errors import APIError
@@ -111,42 +109,21 @@ class Job:
         self.arrived = time.monotonic()
         self.deadline = self.arrived + timeout
         self.cancelled = threading.Event()
-        self.inputs: Any = None  # the request's own prepared ModelInputs
+        self.sequence: Sequence | None = None  # its row in the engine, once admitted
         self.prompt_tokens = 0
         self.steps = 0
-        self.canvas: list[int] = []
         self.started = 0.0
-        self.decode_seconds = 0.0
 
     def cancel(self) -> None:
         self.cancelled.set()
-
-    def key(self) -> str:
-        """Requests with equal keys decode with the same options and may share a batched forward."""
-        request = self.request
-        return repr((sorted(request.options.items()), request.max_tokens, request.template, request.response_length))
-
-
-class Group:
-    """Requests decoded together by one batched ``Runtime.stream`` (row i is ``members[i]``). Rows leave when
-    their answer is final (``live`` shrinks); a cancelled row stays in the batch but is no longer reported."""
-
-    def __init__(self, members: list[Job], stream: Iterator[Any], early_exit: bool) -> None:
-        self.members = members
-        self.live = list(members)
-        self.stream = stream
-        self.early_exit = early_exit  # the 'dim' pipeline: a row without masks is final
-        self.steps = 0
-
-    def close(self) -> None:
-        self.stream.close()  # type: ignore[attr-defined]
 
 
 class Scheduler:
     """Owns ``runtime``; ``start()`` the worker, ``submit()`` requests, ``shutdown()`` at the end.
 
     max_batch: requests decoded at once; max_queue: requests waiting beyond those; timeout: seconds a request
-    may take from arrival (queueing included) before it fails with 504.
+    may take from arrival (queueing included) before it fails with 504. ``engine``: the step engine, by default
+    ``Engine(runtime.model, runtime.backend)``.
     """
 
     def __init__(
@@ -157,18 +134,20 @@ class Scheduler:
         max_queue: int = 64,
         timeout: float = 300.0,
         metrics: Metrics | None = None,
+        engine: Any = None,
     ) -> None:
         if max_batch < 1 or max_queue < 0 or not timeout > 0:
             raise ValueError(
                 f"need max_batch >= 1, max_queue >= 0 and timeout > 0, got {max_batch}, {max_queue}, {timeout}"
             )
         self.runtime = runtime
+        self.engine = engine if engine is not None else Engine(runtime.model, runtime.backend)
         self.max_batch, self.max_queue, self.timeout = max_batch, max_queue, timeout
         self.metrics = metrics if metrics is not None else Metrics()
         self.metrics.max_batch = max_batch
         self._cond = threading.Condition()
         self._pending: collections.deque[Job] = collections.deque()
-        self._active: list[Group] = []  # worker-owned; other threads only count its rows
+        self._active: list[Job] = []  # worker-owned: the requests in the engine; other threads only count them
         self._paused = False
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -185,7 +164,7 @@ class Scheduler:
         with self._cond:
             if self._stopping:
                 raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
-            free_slots = 0 if self._paused else max(0, self.max_batch - self._rows())
+            free_slots = 0 if self._paused else max(0, self.max_batch - len(self._active))
             if len(self._pending) >= self.max_queue + free_slots:
                 raise APIError(
                     429,
@@ -233,7 +212,7 @@ class Scheduler:
     @property
     def batch_size(self) -> int:
         """Requests being decoded now."""
-        return self._rows()
+        return len(self._active)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Fail queued requests with 503 and stop; active requests are cancelled at their next step boundary."""
@@ -248,167 +227,131 @@ class Scheduler:
     # Worker side ------------------------------------------------------------------------------------------------
 
     def _gauges(self) -> None:
-        self.metrics.gauges(len(self._pending), self._rows())
-
-    def _rows(self) -> int:
-        return sum(len(group.live) for group in self._active)
+        self.metrics.gauges(len(self._pending), len(self._active))
 
     def _run(self) -> None:
-        # One inference mode around everything: each group's stream enters and leaves its own, interleaved with
-        # the others', and each restores the state it found, which must be "on" for the canvases to stay writable.
-        with torch.inference_mode():
-            while True:
-                with self._cond:
-                    while not self._stopping and not self._active and (self._paused or not self._pending):
-                        self._cond.wait()
-                    if self._stopping:
-                        break
-                    admitted = []
-                    while self._pending and not self._paused and self._rows() + len(admitted) < self.max_batch:
-                        admitted.append(self._pending.popleft())
+        while True:
+            with self._cond:
+                while not self._stopping and not self._active and (self._paused or not self._pending):
+                    self._cond.wait()
+                if self._stopping:
+                    break
+                admitted = []
+                while self._pending and not self._paused and len(self._active) + len(admitted) < self.max_batch:
+                    admitted.append(self._pending.popleft())
+            for job in admitted:
                 try:
-                    self._admit(admitted)
-                except Exception as err:  # never the worker: fail the newcomers that did not make it into a group
+                    self._admit(job)
+                except Exception as err:  # never the worker
                     log.exception("admission failed")
-                    started = {id(job) for group in self._active for job in group.members}
-                    for job in admitted:
-                        if id(job) not in started:
-                            self._fail(job, APIError(500, f"internal error: {type(err).__name__}", type="server_error"))
-                with self._cond:
-                    self._gauges()  # the rows of this round, before any of them finishes
-                for group in list(self._active):
-                    self._guarded(self._advance, group)
-                with self._cond:
-                    self._gauges()
-            for group in self._active:
-                group.close()
-                for job in group.live:
-                    self._fail(
-                        job, APIError(503, "the server shut down before the answer was done", type="server_error")
-                    )
-            self._active.clear()
-            self._gauges()
+                    self._leave(job, APIError(500, f"internal error: {type(err).__name__}", type="server_error"))
+            self._drop_abandoned()
+            with self._cond:
+                self._gauges()  # the rows of this step, before any of them finishes
+            if self._active:
+                self._step()
+            with self._cond:
+                self._gauges()
+        for job in list(self._active):
+            self._leave(job, APIError(503, "the server shut down before the answer was done", type="server_error"))
+        self._gauges()
 
-    def _guarded(self, work: Callable[[Group], None], group: Group) -> None:
-        """Advance one group; whatever goes wrong fails its requests (500), never the worker."""
-        try:
-            work(group)
-        except Exception as err:
-            log.exception("a group failed in the scheduler")
-            self._drop(group)
-            for job in group.live:
-                self._fail(job, APIError(500, f"internal error: {type(err).__name__}", type="server_error"))
-
-    def _admit(self, jobs: list[Job]) -> None:
-        """Prepare each new request alone (its errors are its own), then start one group per set of requests
-        that decode with the same options: a group is one batched ``Runtime.stream``."""
-        ready: dict[str, list[Job]] = {}
-        for job in jobs:
-            if job.cancelled.is_set():
-                self.metrics.finish("cancelled")
-            elif time.monotonic() > job.deadline:
-                self._fail(job, self._timeout_error())
-            elif self._prepare(job):
-                ready.setdefault(job.key(), []).append(job)
-        for members in ready.values():
-            self._start(members)
-
-    def _prepare(self, job: Job) -> bool:
+    def _admit(self, job: Job) -> None:
+        """Prepare the request alone (its errors are its own) and add it to the engine's running batch."""
+        if job.cancelled.is_set():
+            self.metrics.finish("cancelled")
+            return
+        if time.monotonic() > job.deadline:
+            self._fail(job, self._timeout_error())
+            return
         job.started = time.monotonic()
+        request = job.request
         try:
-            inputs = self.runtime.prepare(job.request.messages)
+            inputs = self.runtime.prepare(request.messages)
         except (ValueError, TypeError, NotImplementedError) as err:
             self._fail(job, APIError(400, str(err), param="messages"))
-            return False
+            return
         except Exception as err:  # prepare only reads the request (template, tokenizer, images): the input's fault
             log.exception("prepare failed")
             self._fail(job, APIError(400, f"the messages could not be prepared: {err}", param="messages"))
-            return False
-        job.prompt_tokens = int(inputs.input_ids.shape[1])
-        job.inputs = inputs
-        return True
-
-    def _start(self, members: list[Job]) -> None:
-        request = members[0].request
+            return
         options = dict(request.options)
         if request.max_tokens is not None:
             options["max_new_tokens"] = request.max_tokens
         try:
-            if len(members) == 1:
-                inputs = members[0].inputs
-            else:
-                inputs = self.runtime.prepare([job.request.messages for job in members])
-            stream = self.runtime.stream(
+            decode, config = self.runtime.decode_request(
                 inputs, template=request.template, response_length=request.response_length, **options
             )
-        except Exception as err:  # each member prepared alone above; a batch that fails is our fault
-            log.exception("a group could not start")
-            for job in members:
-                self._fail(job, APIError(500, f"internal error: {type(err).__name__}", type="server_error"))
+            job.sequence = self.engine.add(decode, config, tag=job)
+        except (ValueError, TypeError) as err:  # the options meet the prompt: the client's call
+            self._fail(job, APIError(400, _as_request_message(str(err)), param=_param_of(str(err))))
             return
-        self._active.append(Group(members, stream, options.get("pipeline", "dim") == "dim"))
+        job.prompt_tokens = int(inputs.input_ids.shape[1])
+        self._active.append(job)
 
-    def _advance(self, group: Group) -> None:
-        for job in list(group.live):
+    def _drop_abandoned(self) -> None:
+        """Cancelled requests leave the batch quietly, timed-out ones with 504."""
+        for job in list(self._active):
             if job.cancelled.is_set():
-                group.live.remove(job)
+                self._leave(job, None)
                 self.metrics.finish("cancelled")
             elif time.monotonic() > job.deadline:
-                group.live.remove(job)
-                self._fail(job, self._timeout_error())
-        if not group.live:
-            self._drop(group)
-            return
-        begin = time.perf_counter()
-        try:
-            step = next(group.stream)
-        except StopIteration:
-            self._drop(group)
-            for job in list(group.live):
-                self._complete(job)
-            return
-        except NonFiniteLogitsError as err:
-            self._drop(group)
-            for job in group.live:
-                self._fail(
-                    job, APIError(500, f"the model failed: {err}", type="server_error", code="non_finite_logits")
-                )
-            return
-        except (ValueError, TypeError) as err:  # the options meet the prompt at the first step: the client's call
-            self._drop(group)
-            if group.steps == 0 and len(group.members) > 1:
-                for job in group.live:  # whose error is it? Each member starts again on its own.
-                    self._start([job])
-            elif group.steps == 0:
-                for job in group.live:
-                    self._fail(job, APIError(400, _as_request_message(str(err)), param=_param_of(str(err))))
-            else:
-                log.exception("a group failed at step %d", group.steps)
-                for job in group.live:
-                    self._fail(job, APIError(500, f"decoding failed: {err}", type="server_error"))
-            return
-        seconds = time.perf_counter() - begin
-        group.steps += 1
-        self.metrics.step(step.committed, seconds, rows=len(group.members))
-        mask_id = self.runtime.config.mask_token_id
-        for job in list(group.live):
-            job.canvas = step.canvas[group.members.index(job)].tolist()
-            job.steps += 1
-            if job.steps == 1:
-                self._emit(job, Started(job.prompt_tokens))
-            masks_left = job.canvas.count(mask_id)
-            self._emit(job, Progress(step.step, job.canvas, masks_left))
-            if group.early_exit and masks_left == 0:
-                group.live.remove(job)  # its answer is final: a single run would stop here too
-                self._complete(job)
-        if not group.live:
-            self._drop(group)
+                self._leave(job, self._timeout_error())
 
-    def _complete(self, job: Job) -> None:
+    def _step(self) -> None:
+        """One engine step over the batch; each request then advances, finishes or fails on its own."""
+        try:
+            stepped = self.engine.step()
+        except Exception as err:  # the engine isolates each row's errors: this is ours, and ends the batch
+            log.exception("an engine step failed")
+            for job in list(self._active):
+                self._leave(job, APIError(500, f"internal error: {type(err).__name__}", type="server_error"))
+            return
+        for forward in self.engine.forwards:
+            self.metrics.step(forward.committed, forward.seconds, rows=forward.rows)
+        mask_id = self.runtime.config.mask_token_id
+        for sequence in stepped:
+            job = sequence.tag
+            if job not in self._active:
+                continue
+            if sequence.error is not None:
+                self._leave(job, self._step_error(sequence))
+                continue
+            if sequence.forwards > job.steps:  # it took a step (a finished sequence may just leave)
+                job.steps = sequence.forwards
+                canvas = sequence.canvas.tolist()
+                if job.steps == 1:
+                    self._emit(job, Started(job.prompt_tokens))
+                assert sequence.last_step is not None
+                self._emit(job, Progress(sequence.last_step.step, canvas, canvas.count(mask_id)))
+            if sequence.finished:
+                self._active.remove(job)
+                self._complete(job, sequence)
+
+    def _step_error(self, sequence: Sequence) -> APIError:
+        err = sequence.error
+        if isinstance(err, NonFiniteLogitsError):
+            return APIError(500, f"the model failed: {err}", type="server_error", code="non_finite_logits")
+        if isinstance(err, (ValueError, TypeError)) and sequence.forwards == 0:  # checked at its first step
+            return APIError(400, _as_request_message(str(err)), param=_param_of(str(err)))
+        log.error("a request failed at step %d", sequence.forwards, exc_info=err)
+        return APIError(500, f"decoding failed: {type(err).__name__}: {err}", type="server_error")
+
+    def _leave(self, job: Job, error: APIError | None) -> None:
+        """Take an active (or just admitted) request out of the batch; fail it with ``error`` if given."""
+        if job in self._active:
+            self._active.remove(job)
+        if job.sequence is not None:
+            self.engine.remove(job.sequence)
+        if error is not None:
+            self._fail(job, error)
+
+    def _complete(self, job: Job, sequence: Sequence) -> None:
         tokenizer = self.runtime.tokenizer
-        answer = tokenizer.answer_ids(job.canvas)
+        canvas = sequence.canvas.tolist()
+        answer = tokenizer.answer_ids(canvas)
         text = tokenizer.decode(answer)
-        finish_reason = "stop" if len(answer) < len(job.canvas) else "length"
+        finish_reason = "stop" if len(answer) < len(canvas) else "length"
         cut = cut_at_stop(text, job.request.stop)
         if cut is not None:
             text, finish_reason = cut, "stop"
@@ -417,8 +360,8 @@ class Scheduler:
             token_ids=answer,
             finish_reason=finish_reason,
             prompt_tokens=job.prompt_tokens,
-            forward_passes=job.steps,
-            canvas_tokens=len(job.canvas),
+            forward_passes=sequence.forwards,
+            canvas_tokens=len(canvas),
             queue_seconds=job.started - job.arrived,
             decode_seconds=time.monotonic() - job.started,
         )
@@ -435,11 +378,6 @@ class Scheduler:
             type="timeout",
             code="timeout",
         )
-
-    def _drop(self, group: Group) -> None:
-        if group in self._active:
-            self._active.remove(group)
-        group.close()
 
     def _fail(self, job: Job, error: APIError) -> None:
         self.metrics.finish("timeout" if error.status == 504 else "error")

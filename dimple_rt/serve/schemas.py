@@ -3,18 +3,22 @@
 and chunk bodies.
 
 Accepted OpenAI fields: model, messages, max_tokens (or max_completion_tokens: the canvas length), temperature,
-top_p, seed, stop, n (1 only), stream, stream_options.include_usage, user (ignored). Dimple's own options go in
-the ``dimple`` extension object (:data:`DIMPLE_OPTIONS`). Anything else is a 400 that names the field; the
-decoding options are validated by :class:`~dimple_rt.config.GenerationConfig`, whose message is passed on.
+top_p, seed, stop, n (1 only), stream, stream_options.include_usage, user (ignored). Fields that clients send
+with their defaults are accepted at values that change nothing here (:data:`DEFAULTS_ONLY`: no penalties, no
+logprobs, text output, no tools, nothing stored...); any other value is a 400 that names the field. Dimple's own
+options go in the ``dimple`` extension object (:data:`DIMPLE_OPTIONS`). Any other field is a 400 that names it;
+the decoding options are validated by :class:`~dimple_rt.config.GenerationConfig`, whose message is passed on.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import time
 import uuid
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +43,38 @@ OPENAI_FIELDS = (
     "user",
     "dimple",
 )
+
+
+def _is_zero(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0
+
+
+def _is_string_map(value: object) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+
+
+DEFAULTS_ONLY: dict[str, tuple[Callable[[object], bool], str]] = {
+    "presence_penalty": (_is_zero, "0 (there are no penalties)"),
+    "frequency_penalty": (_is_zero, "0 (there are no penalties)"),
+    "logit_bias": (lambda v: v == {}, "{} (no bias)"),
+    "logprobs": (lambda v: v is False, "false (no log probabilities)"),
+    "top_logprobs": (_is_zero, "0 (no log probabilities)"),
+    "response_format": (lambda v: v == {"type": "text"}, '{"type": "text"} (plain text)'),
+    "modalities": (lambda v: v == ["text"], '["text"]'),
+    "tools": (lambda v: v == [], "[] (no tools)"),
+    "tool_choice": (lambda v: v in ("none", "auto"), '"none" or "auto" (there are no tools)'),
+    "parallel_tool_calls": (lambda v: isinstance(v, bool), "true or false (there are no tools)"),
+    "functions": (lambda v: v == [], "[] (no functions)"),
+    "function_call": (lambda v: v in ("none", "auto"), '"none" or "auto" (there are no functions)'),
+    "store": (lambda v: v is False, "false (nothing is stored)"),
+    "metadata": (_is_string_map, "an object of strings (ignored: nothing is stored)"),
+    "service_tier": (lambda v: v in ("auto", "default"), '"auto" or "default"'),
+    "safety_identifier": (lambda v: isinstance(v, str), "a string (ignored)"),
+    "prompt_cache_key": (lambda v: isinstance(v, str), "a string (ignored)"),
+}
+"""OpenAI fields accepted only at values that change nothing on this server: name → (test, what is accepted).
+null counts as absent."""
+
 DIMPLE_OPTIONS = (
     "alg",
     "threshold",
@@ -89,11 +125,20 @@ def parse_chat_request(
     """Check a decoded JSON body; raises :class:`APIError` (400, or 404 for another model's name)."""
     if not isinstance(body, dict):
         raise bad_request(f"the request body must be a JSON object, got {type(body).__name__}")
-    for key in body:
-        if key not in OPENAI_FIELDS:
+    for key, value in body.items():
+        if key in DEFAULTS_ONLY:
+            accepts, accepted = DEFAULTS_ONLY[key]
+            if value is not None and not accepts(value):
+                raise bad_request(
+                    f"{key}={json.dumps(value)[:200]} is not supported; this server accepts {key} = {accepted} only",
+                    key,
+                    code="unsupported_value",
+                )
+        elif key not in OPENAI_FIELDS:
             raise bad_request(
-                f"unsupported field {key!r}: this server accepts {', '.join(OPENAI_FIELDS)} (Dimple's options go in "
-                f"'dimple': {', '.join(DIMPLE_OPTIONS)})",
+                f"unsupported field {key!r}: this server accepts {', '.join(OPENAI_FIELDS)}, and "
+                f"{', '.join(DEFAULTS_ONLY)} at their defaults (Dimple's options go in 'dimple': "
+                f"{', '.join(DIMPLE_OPTIONS)})",
                 key,
                 code="unsupported_field",
             )
