@@ -330,8 +330,8 @@ def _serve(args: argparse.Namespace) -> int:
         image_dir=args.image_dir,
         timeout=args.timeout,
         max_images=args.max_images,
-        backend=args.backend,
         shutdown_grace=args.shutdown_grace,
+        **_runtime_options(args),
     )
 
 
@@ -346,7 +346,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--image-dir", help="folder that local image paths may name (default: data: URLs only)")
     serve.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take, queueing included")
     serve.add_argument("--max-images", type=int, default=4, help="images per request")
-    serve.add_argument("--backend", default="kernels", choices=["kernels", "reference"])
+    _add_runtime_options(serve)
     serve.add_argument(
         "--shutdown-grace", type=float, default=30.0, help="after SIGTERM, seconds in-flight requests may finish"
     )

@@ -218,6 +218,17 @@ def test_fast_dllm_options_reach_the_runtime(client: openai.OpenAI, runtime: Run
     assert reply.model_extra["dimple"]["forward_passes"] == expected.num_forward_passes
 
 
+def test_a_preset_reaches_the_runtime(client: openai.OpenAI, runtime: Runtime) -> None:
+    example = _example(4)
+    options = {"preset": "fast", "block_length": 4}
+    reply = client.chat.completions.create(
+        model=MODEL, messages=_request(example), max_tokens=MAX_TOKENS, extra_body={"dimple": options}
+    )
+    expected = runtime.generate(_conversation(example), max_new_tokens=MAX_TOKENS, **options)
+    assert reply.choices[0].message.content == expected.text
+    assert reply.model_extra["dimple"]["forward_passes"] == expected.num_forward_passes
+
+
 def test_seed_reproducible(client: openai.OpenAI, runtime: Runtime) -> None:
     example = _example(2)
     answers = [
@@ -399,6 +410,13 @@ BAD_REQUESTS = {
     "bad alg": (_body(dimple={"alg": "magic"}), 400, "dimple.alg", "alg must be one of"),
     "bad threshold": (_body(dimple={"threshold": 2}), 400, "dimple.threshold", "threshold"),
     "bad template": (_body(dimple={"template": "<mask:x>"}), 400, None, "mask"),
+    "bad preset": (_body(dimple={"preset": "turbo"}), 400, "dimple.preset", "preset must be one of"),
+    "block option without its pipeline": (
+        _body(dimple={"block_start": "threshold"}),
+        400,
+        "dimple.block_start",
+        "needs pipeline='fast_dllm'",
+    ),
     "broken base64": (_image_body("data:image/png;base64,iVBORw0KG!!!"), 400, None, "base64"),
     "not an image": (_image_body(_data_url(b"hello, world")), 400, None, "not a readable image"),
     "0x0 image": (_image_body(_data_url(_png_header_only(0, 0))), 400, None, "image"),

@@ -36,10 +36,16 @@ def serve(
     timeout: float = 300.0,
     max_images: int = 4,
     backend: str = "kernels",
+    device: str | None = None,
+    dtype: str | None = None,
+    quantize: str | None = None,
+    preset: str | None = None,
     shutdown_grace: float = GRACEFUL_SHUTDOWN_SECONDS,
     log_level: str = "info",
 ) -> int:
-    """Load ``model`` and serve it until SIGTERM/SIGINT; returns 0 after a clean shutdown.
+    """Load ``model`` (with the Runtime's ``backend``, ``device``, ``dtype``, ``quantize`` and ``preset``: a
+    preset's options are every request's defaults) and serve it until SIGTERM/SIGINT; returns 0 after a clean
+    shutdown.
 
     On SIGTERM (or SIGINT) uvicorn stops accepting connections and lets in-flight requests finish; after
     ``shutdown_grace`` seconds the scheduler answers what is still queued or decoding with 503 and stops.
@@ -48,7 +54,7 @@ def serve(
 
     from dimple_rt import Runtime
 
-    runtime = Runtime(model, backend=backend)
+    runtime = Runtime(model, backend=backend, device=device, dtype=dtype, quantize=quantize, preset=preset)
     scheduler = Scheduler(runtime, max_batch=max_batch, max_queue=max_queue, timeout=timeout)
     app = create_app(
         scheduler,

@@ -127,7 +127,14 @@ def create_app(
             raise bad_request(f"the request body is not valid JSON ({err}); send a JSON object") from None
         except RecursionError:
             raise bad_request("the request body is nested too deeply; send a plain JSON object") from None
-        chat = await run_in_threadpool(parse_chat_request, body, model_name=model_name, image_dir=folder, limits=limits)
+        chat = await run_in_threadpool(
+            parse_chat_request,
+            body,
+            model_name=model_name,
+            image_dir=folder,
+            limits=limits,
+            preset=scheduler.runtime.preset,
+        )
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from dimple_rt.config import MAX_NEW_TOKENS, GenerationConfig, check_int
+from dimple_rt.presets import Preset, preset_named
 
 from .errors import APIError, bad_request
 from .images import DEFAULT_LIMITS, ImageLimits, load_request_image
@@ -91,11 +92,15 @@ DIMPLE_OPTIONS = (
     "block_length",
     "refresh_every",
     "early_stop",
+    "block_start",
+    "refresh_prompt",
     "validate_categorical",
+    "preset",
     "stream_canvas",
 )
-"""Keys of the ``dimple`` extension object: GenerationConfig fields, the structure priors, and stream_canvas
-(send the whole canvas after every step as an extension chunk)."""
+"""Keys of the ``dimple`` extension object: GenerationConfig fields, the structure priors, a ``preset`` name
+(whose options the others override; default: the server's), and stream_canvas (send the whole canvas after
+every step as an extension chunk)."""
 ROLES = ("system", "user", "assistant")
 MAX_STOP = 4
 MAX_TEXT_CHARS = 1_000_000
@@ -120,9 +125,15 @@ class ChatRequest:
 
 
 def parse_chat_request(
-    body: object, *, model_name: str, image_dir: Path | None = None, limits: ImageLimits = DEFAULT_LIMITS
+    body: object,
+    *,
+    model_name: str,
+    image_dir: Path | None = None,
+    limits: ImageLimits = DEFAULT_LIMITS,
+    preset: Preset | None = None,
 ) -> ChatRequest:
-    """Check a decoded JSON body; raises :class:`APIError` (400, or 404 for another model's name)."""
+    """Check a decoded JSON body; raises :class:`APIError` (400, or 404 for another model's name). ``preset``:
+    the server's, whose options a request's own start from (as ``Runtime.generate`` applies them)."""
     if not isinstance(body, dict):
         raise bad_request(f"the request body must be a JSON object, got {type(body).__name__}")
     for key, value in body.items():
@@ -202,7 +213,7 @@ def parse_chat_request(
                 request.stream_canvas = _bool(value, "dimple.stream_canvas")
             elif value is not None or key == "threshold":  # threshold None means off; the others mean default
                 request.options[key] = value
-    _check_options(request)
+    _check_options(request, preset)
     return request
 
 
@@ -213,12 +224,21 @@ def _check(check: Any, param: str) -> None:
         raise bad_request(str(err), param) from None
 
 
-def _check_options(request: ChatRequest) -> None:
-    """GenerationConfig validates every option; its message names the option, which becomes the param."""
+def _check_options(request: ChatRequest, preset: Preset | None) -> None:
+    """GenerationConfig validates every option over the preset's (the request's own, else the server's); its
+    message names the option, which becomes the param."""
+    options = dict(request.options)
+    if "preset" in options:
+        try:
+            preset = preset_named(options.pop("preset"))
+        except ValueError as err:
+            raise bad_request(str(err), "dimple.preset") from None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # e.g. entropy + threshold: allowed, it only warns
         try:
-            GenerationConfig(max_new_tokens=request.max_tokens or 1, **request.options)
+            GenerationConfig(
+                max_new_tokens=request.max_tokens or 1, **{**(preset.options if preset else {}), **options}
+            )
         except (ValueError, TypeError) as err:
             message = str(err)
             name = re.match(r"\w+", message)
