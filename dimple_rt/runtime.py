@@ -18,7 +18,7 @@ from .config import MAX_NEW_TOKENS, DimpleConfig, GenerationConfig, check_int
 from .generation.loop import DecodeRequest, LogitsHook, TokensHook, denoise
 from .generation.priors import build_canvas, parse_template
 from .model.dimple import DimpleModel
-from .model.quant import check_quantize, quantize_model
+from .model.quant import check_quantize, quantize_after_file, quantize_model
 from .processor import VIDEO_INPUT_KEYS, ImageProcessor, check_no_video, expand_image_placeholder_ids
 from .tokenizer import DimpleTokenizer
 from .weights import load_state_dict_into, resolve_dtype, resolve_model
@@ -114,7 +114,8 @@ class Runtime:
         self.config = DimpleConfig.from_json_file(self.path / "config.json")
         with torch.device("meta"):
             self.model = DimpleModel(self.config)
-        load_state_dict_into(self.model, self.path, dtype=self.dtype, device=self.device)
+        after_file = quantize_after_file(self.model, quantize)  # int8: one file's float pages resident at a time
+        load_state_dict_into(self.model, self.path, dtype=self.dtype, device=self.device, after_file=after_file)
         self.model.eval().requires_grad_(False)
         quantize_model(self.model, quantize)
         self.tokenizer = DimpleTokenizer.from_pretrained(self.path)
