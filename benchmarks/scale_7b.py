@@ -26,7 +26,9 @@ checkpoint pages: page cache, counted while mapped). Floors per forward: memory 
 reads (decoder layers, LM head, and with the image the vision tower and projector; not the embedding, of which
 a forward reads ~100 rows) ÷ copy bandwidth on the run's threads; compute = 2 · those parameters · tokens ÷
 the GEMM rate (vision parameters × patches). Random weights decide nothing with confidence: the generate makes
-one commit per step, so its forward count is the most the options allow (one per token).
+one commit per step, so its forward count is the most the options allow (one per token). Times are wall
+seconds with CPU seconds ÷ threads beside them, and the 1-minute load average of each phase: on a shared machine
+the wall time grows with the others' load, and the CPU time shows what the work itself costs.
 """
 
 from __future__ import annotations
@@ -150,36 +152,49 @@ def read_bytes_and_params(rt: dimple_rt.Runtime, image: bool) -> tuple[int, int,
     return read, text_params, sum(p.numel() for p in vision)
 
 
+def clock() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def since(start: tuple[float, float]) -> dict[str, float]:
+    """Wall and CPU seconds (all threads) since ``start``, and the 1-minute load average now. On a shared
+    machine wall time grows with the others' load; CPU seconds ÷ threads is about what the work takes with the
+    cores to itself."""
+    return {
+        "wall": round(time.perf_counter() - start[0], 2),
+        "cpu": round(time.process_time() - start[1], 2),
+        "loadavg": round(os.getloadavg()[0], 1),
+    }
+
+
 def worker(mode: str, path: Path, args: argparse.Namespace) -> dict:
     """Runs in a fresh process: load, forwards and (``fast``) the 16-token generate; returns the numbers."""
     torch.set_num_threads(args.threads)
     before = status_gib()
     runtime_kwargs, generate_kwargs = fast_options(args) if mode == "fast" else ({"dtype": torch.bfloat16}, {})
-    start = time.perf_counter()
+    start = clock()
     rt = dimple_rt.Runtime(path, **runtime_kwargs)
-    result: dict = {"mode": mode, "load_s": round(time.perf_counter() - start, 1), "rss_before": before}
-    result["rss_after_load"] = status_gib()
+    result: dict = {"mode": mode, "load": since(start), "rss_before": before, "rss_after_load": status_gib()}
     image = not args.text_only
     inputs = rt.prepare(conversation(args.text_only))
     tokens = int(inputs.input_ids.shape[1])
     patches = int(inputs.image_grid_thw.prod(-1).sum()) if image else 0
     result.update(prompt_tokens=tokens, image_patches=patches, text_only=not image)
     result["read_bytes"], result["text_params"], result["vision_params"] = read_bytes_and_params(rt, image)
-    seconds = []
+    result["forward"] = []
     for _ in range(args.forwards):
-        start = time.perf_counter()
+        start = clock()
         logits = rt.forward(**vars(inputs))
-        seconds.append(round(time.perf_counter() - start, 2))
+        result["forward"].append(since(start))
         if not bool(torch.isfinite(logits).all()):
             raise RuntimeError("the forward gave non-finite logits")
         del logits
-    result["forward_s"] = seconds
     result["rss_after_forward"] = status_gib()
     if mode == "fast":
         kwargs = {"max_new_tokens": 16, **generate_kwargs}
-        start = time.perf_counter()
+        start = clock()
         out = rt.generate(conversation(args.text_only), **kwargs)
-        result["generate_s"] = round(time.perf_counter() - start, 1)
+        result["generate"] = since(start)
         result["generate_forwards"] = out.num_forward_passes
         result["generate_kwargs"] = {key: str(value) for key, value in {**runtime_kwargs, **kwargs}.items()}
         result["rss_after_generate"] = status_gib()
@@ -210,36 +225,43 @@ def run_worker(mode: str, path: Path, args: argparse.Namespace) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def table(results: list[dict], bw: float, rates: dict[str, float], isa: str, threads: int) -> str:
+def table(results: list[dict], bw1: float, bw: float, rates: dict[str, float], isa: str, threads: int) -> str:
+    """The markdown table; each time is wall seconds, with CPU seconds ÷ threads in parentheses."""
+
+    def both(timing: dict) -> str:
+        return f"{timing['wall']:.1f} ({timing['cpu'] / threads:.1f})"
+
     lines = [
         (
             "| run | load s | peak RSS GiB (VmHWM): load / whole run | RSS after load GiB (anon + file) "
-            "| s/forward | memory floor s "
-            "| ratio | compute floor s | 16-token generate s (forwards) |"
+            "| s/forward | memory floor s | ratio | compute floor s | 16-token generate s (forwards) | load avg |"
         ),
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         rate = rates["int8" if r["mode"] == "fast" else "bf16"]
         memory_floor = r["read_bytes"] / bw
         compute_floor = 2 * (r["text_params"] * r["prompt_tokens"] + r["vision_params"] * r["image_patches"]) / rate
-        forward = min(r["forward_s"])
+        forward = min(r["forward"], key=lambda timing: timing["wall"])
         last = r.get("rss_after_generate", r["rss_after_forward"])
         load = r["rss_after_load"]
-        generate = f"{r['generate_s']} ({r['generate_forwards']})" if "generate_s" in r else "-"
+        generate = f"{both(r['generate'])} ({r['generate_forwards']})" if "generate" in r else "-"
         options = ", ".join(f"{key}={value}" for key, value in r.get("generate_kwargs", {}).items())
+        loads = [r["load"]["loadavg"], *(t["loadavg"] for t in r["forward"]), r.get("generate", {}).get("loadavg")]
         lines.append(
-            f"| {r['mode']}{f' ({options})' if options else ''} | {r['load_s']} | {load['VmHWM']} / {last['VmHWM']} "
-            f"| {load['VmRSS']} ({load['RssAnon']} + {load['RssFile']}) "
-            f"| {forward:.2f} | {memory_floor:.2f} | {forward / memory_floor:.1f}x | {compute_floor:.2f} | {generate} |"
+            f"| {r['mode']}{f' ({options})' if options else ''} | {both(r['load'])} "
+            f"| {load['VmHWM']} / {last['VmHWM']} | {load['VmRSS']} ({load['RssAnon']} + {load['RssFile']}) "
+            f"| {both(forward)} | {memory_floor:.2f} | {forward['wall'] / memory_floor:.1f}x "
+            f"({forward['cpu'] / threads / memory_floor:.1f}x) | {compute_floor:.2f} | {generate} "
+            f"| {', '.join(str(x) for x in loads if x is not None)} |"
         )
     prompt = results[0]
     return (
         f"{datetime.date.today()}, torch {torch.__version__}, CPU ISA: {isa}, {threads} threads, "
-        f"{os.cpu_count()} cores; copy bandwidth {bw / 1e9:.1f} GB/s; GEMM 2048³ bf16 {rates['bf16'] / 1e9:.0f}, "
+        f"{os.cpu_count()} cores; copy bandwidth {bw1 / 1e9:.1f} GB/s on 1 thread, {bw / 1e9:.1f} on {threads}; GEMM 2048³ bf16 {rates['bf16'] / 1e9:.0f}, "
         f"int8 {rates['int8'] / 1e9:.0f} GFLOP/s; prompt {prompt['prompt_tokens']} tokens "
         + ("(text only)" if prompt["text_only"] else f"(one 224×224 image: {prompt['image_patches']} patches)")
-        + "\n\n"
+        + "; times: wall s (CPU s ÷ threads)\n\n"
         + "\n".join(lines)
     )
 
@@ -274,7 +296,7 @@ def main(args: argparse.Namespace) -> None:
             results.append(run_worker(mode, path, args))
             print(json.dumps(results[-1]), flush=True)
         print()
-        print(table(results, bw, rates, cpu_isa(), args.threads))
+        print(table(results, bw1, bw, rates, cpu_isa(), args.threads))
     finally:
         if args.keep:
             print(f"kept {path}")
