@@ -121,16 +121,21 @@ def test_bf16_activations_come_back_in_bf16() -> None:
 def test_quantizing_in_row_chunks_is_exact(monkeypatch: pytest.MonkeyPatch) -> None:
     """Int8Weight quantizes a few rows at a time (bounded fp32 temporaries, for 7B's 545 M-entry LM head);
     every row has its own scale, so chunks of 3 rows (the last one short) give the same int8 weight and scales
-    as one chunk of everything."""
+    as one chunk of everything, and leave the weight they read unchanged (an fp32 row chunk is the weight's own
+    memory, and a tied weight lives on in the embedding)."""
     g = torch.Generator().manual_seed(5)
-    w = (torch.randn(40, 37, generator=g) * torch.logspace(-3, 2, 40)[:, None]).bfloat16()
-    whole = quant.Int8Weight(w)
-    monkeypatch.setattr(quant, "_CHUNK_ELEMENTS", 3 * 37 + 5)
-    chunked = quant.Int8Weight(w)
-    a, b = (torch.ops.quantized.linear_unpack(x.packed)[0] for x in (whole, chunked))
-    assert torch.equal(a.int_repr(), b.int_repr())
-    assert torch.equal(a.q_per_channel_scales(), b.q_per_channel_scales())
-    assert torch.equal(whole.dequantize(), chunked.dequantize())
+    for dtype in (torch.bfloat16, torch.float32):
+        w = (torch.randn(40, 37, generator=g) * torch.logspace(-3, 2, 40)[:, None]).to(dtype)
+        before = w.clone()
+        with monkeypatch.context() as patch:
+            whole = quant.Int8Weight(w)
+            patch.setattr(quant, "_CHUNK_ELEMENTS", 3 * 37 + 5)
+            chunked = quant.Int8Weight(w)
+        assert torch.equal(w, before)
+        a, b = (torch.ops.quantized.linear_unpack(x.packed)[0] for x in (whole, chunked))
+        assert torch.equal(a.int_repr(), b.int_repr())
+        assert torch.equal(a.q_per_channel_scales(), b.q_per_channel_scales())
+        assert torch.equal(whole.dequantize(), chunked.dequantize())
 
 
 def test_empty_token_dimension() -> None:

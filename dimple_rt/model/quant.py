@@ -3,8 +3,8 @@
 
 ``Runtime(..., quantize="int8")`` quantizes while the safetensors are loaded (:func:`quantize_after_file`, then
 :func:`quantize_model` for what is left): every :class:`~dimple_rt.model.layers.Linear` of the decoder and the
-LM head gets an :class:`Int8Weight` in place of its float weight (which is freed, and its file unmapped), and :func:`~dimple_rt.model.layers.linear` (the one linear entry point)
-multiplies it with :func:`int8_linear`. Not quantized: the vision tower and the image projector (they run once
+LM head gets an :class:`Int8Weight` in place of its float weight (which is freed, and its file unmapped), and
+:func:`~dimple_rt.model.layers.linear` (the one linear entry point) multiplies it with :func:`int8_linear`. Not quantized: the vision tower and the image projector (they run once
 per image, a few percent of a request's time, and every answer token reads their output), the embedding table
 (a gather, no arithmetic), norms and attention.
 
@@ -55,8 +55,8 @@ if TYPE_CHECKING:
 QUANTIZE_MODES = ("int8",)
 ENGINE = "x86"
 _CHUNK_ELEMENTS = 1 << 22
-"""Weight entries quantized at a time: bounds the fp32 temporaries to 16 MiB each (Dimple-7B's LM head is 545 M
-entries: unchunked, its fp32 copy and quotient alone took 4.4 GB at load)."""
+"""Weight entries quantized at a time: bounds the fp32 temporaries to 16 MiB each (Dimple-7B's LM head has 545 M
+entries: unchunked, its fp32 copy and quotient alone would take 4.4 GB at load)."""
 
 
 @contextlib.contextmanager
@@ -93,9 +93,8 @@ class Int8Weight:
         for start in range(0, weight.shape[0], rows):  # row by row is exact: each row has its own scale
             w32 = weight.detach()[start : start + rows].float()
             part = w32.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127
-            q[start : start + rows] = torch.round(w32.div_(part[:, None])).clamp_(-127, 127)
+            q[start : start + rows] = torch.round(w32 / part[:, None]).clamp_(-127, 127)  # w32 may be weight
             scale[start : start + rows] = part
-        del w32
         zero_points = torch.zeros(q.shape[0], dtype=torch.long)
         with warnings.catch_warnings():  # torch 2.13 deprecates quantized tensors; see the module docstring
             warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*deprecated")
