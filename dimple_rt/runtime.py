@@ -20,8 +20,8 @@ from .generation.loop import DecodeRequest, LogitsHook, Step, TokensHook, denois
 from .generation.priors import build_canvas, parse_template
 from .model.dimple import DimpleModel
 from .model.layers import cpu_has_bf16_gemm
-from .model.packed import pack_bf16_model
-from .model.quant import check_quantize, quantize_model
+from .model.packed import pack_after_file, pack_bf16_model
+from .model.quant import check_quantize, quantize_after_file, quantize_model
 from .presets import Preset, preset_named
 from .processor import VIDEO_INPUT_KEYS, ImageProcessor, check_no_video, expand_image_placeholder_ids
 from .tokenizer import DimpleTokenizer
@@ -164,11 +164,15 @@ class Runtime:
         self.config = DimpleConfig.from_json_file(self.path / "config.json")
         with torch.device("meta"):
             self.model = DimpleModel(self.config)
-        load_state_dict_into(self.model, self.path, dtype=self.dtype, device=self.device)
+        # int8 or packed bf16 (same outputs as F.linear, without its per-call weight reorder) are made file by
+        # file as the loader reads them, so one file's float pages are resident at a time.
+        pack = quantize is None and self.dtype == torch.bfloat16 and self.device.type == "cpu" and cpu_has_bf16_gemm()
+        after_file = pack_after_file(self.model) if pack else quantize_after_file(self.model, quantize)
+        load_state_dict_into(self.model, self.path, dtype=self.dtype, device=self.device, after_file=after_file)
         self.model.eval().requires_grad_(False)
         quantize_model(self.model, quantize)
-        if quantize is None and self.dtype == torch.bfloat16 and self.device.type == "cpu" and cpu_has_bf16_gemm():
-            pack_bf16_model(self.model)  # same outputs as F.linear, without its per-call weight reorder
+        if pack:
+            pack_bf16_model(self.model)  # the tied weights the per-file hook leaves
         self.tokenizer = DimpleTokenizer.from_pretrained(self.path)
         self.processor: ImageProcessor | None = None
         if self.config.vision_config is not None:
@@ -350,7 +354,8 @@ class Runtime:
         """What :meth:`generate` would decode, checked, with the images encoded: for the step engine
         (:class:`~dimple_rt.generation.engine.Engine`), which decodes many such requests side by side."""
         with torch.inference_mode():
-            return self._decode_request(inputs, template, response_length, parse_special_tokens, options)
+            request, config, _ = self._decode_request(inputs, template, response_length, parse_special_tokens, options)
+        return request, config
 
     @torch.inference_mode()
     def generate(

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -343,6 +343,7 @@ def load_state_dict_into(
     device: str | torch.device = "cpu",
     strict: bool = True,
     check_finite: bool = True,
+    after_file: Callable[[list[str]], None] | None = None,
 ) -> None:
     """Load the safetensors checkpoint in ``directory`` into ``module``, built on the meta device.
 
@@ -359,6 +360,14 @@ def load_state_dict_into(
     where a sum is not finite. Measured on 2 shared CPU cores, weights in memory: 0.25-0.5 s per GiB in
     bf16/fp16 and 0.15 s/GiB in fp32 (elementwise isfinite: 4.7 s/GiB in bf16), so some 4-8 s for Dimple-7B's
     15.5 GiB of bf16 weights, less than reading them from disk; on a GPU it is negligible.
+
+    ``after_file(names)``, when given, runs after each file's tensors are assigned, with the names they were
+    assigned to (tied names excluded: those are set after the last file), before the next file is read. It is
+    for a caller that replaces those weights (int8 quantization replaces the float linears). Then every tensor
+    of that file still on the file's mapped pages is copied into memory of its own, so nothing refers to the
+    mapping any more and it is unmapped: the pages the finite check (and the hook) read leave the RSS file by
+    file. Without it the mapped weights stay in place and all of a checkpoint read so far stays resident
+    (Dimple-7B: about 15.5 GiB of mapped bf16 next to 7 GiB of int8 weights, the sum of the two).
     """
     dtype = resolve_dtype(dtype, directory)
     device = torch.device(device)
@@ -376,15 +385,12 @@ def load_state_dict_into(
     _check_memory(expected, stored, dtype, device)
 
     for path, names in plan.items():
-        with _reading(path) as handle:
-            shard = {}
-            for name in names:
-                tensor = handle.get_tensor(name)
-                tensor = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
-                if check_finite and tensor.is_floating_point():
-                    _check_finite(tensor, name, path, dtype)
-                shard[name] = tensor
+        shard, mapped = _read_file(path, names, dtype, device, check_finite)
         module.load_state_dict(shard, strict=False, assign=True)
+        del shard  # the module holds the tensors now; only it may keep the file mapped
+        if after_file is not None:
+            after_file([name for name in names if name not in ties])
+            _copy_out_of_file(module, mapped)
 
     for name, others in ties.items():
         loaded = getattr(*_owner(module, name))
@@ -398,6 +404,43 @@ def load_state_dict_into(
         for submodule in module.modules():
             if callable(getattr(submodule, "reset_buffers", None)):
                 submodule.reset_buffers()
+
+
+def _read_file(
+    path: Path, names: list[str], dtype: torch.dtype | None, device: torch.device, check_finite: bool
+) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """The tensors ``names`` of one file, cast and placed (and checked finite), and for those that are the
+    file's mapped pages themselves (no cast, CPU) their address."""
+    shard: dict[str, torch.Tensor] = {}
+    mapped: dict[str, int] = {}
+    with _reading(path) as handle:
+        for name in names:
+            stored = handle.get_tensor(name)
+            tensor = stored.to(device=device, dtype=dtype if stored.is_floating_point() else None)
+            if check_finite and tensor.is_floating_point():
+                _check_finite(tensor, name, path, dtype)
+            if tensor is stored:
+                mapped[name] = tensor.data_ptr()
+            shard[name] = tensor
+    return shard, mapped
+
+
+def _copy_out_of_file(module: nn.Module, mapped: Mapping[str, int]) -> None:
+    """Give each tensor of ``mapped`` (name -> address in a mapped file) that still lives there its own memory.
+
+    A parameter's ``.data`` is swapped in place, so it keeps its identity (and its ties); a buffer is replaced,
+    since it may be a view (safetensors returns a 0-d tensor as a view of a 1-element one) whose base would
+    keep the file mapped. A name whose tensor was replaced (an int8 weight, a tensor elsewhere) is left alone.
+    """
+    for name, address in mapped.items():
+        owner, attr = _owner(module, name)
+        value = getattr(owner, attr, None)
+        if not isinstance(value, torch.Tensor) or value.data_ptr() != address:
+            continue
+        if isinstance(value, nn.Parameter):
+            value.data = value.data.clone()
+        else:
+            setattr(owner, attr, value.clone())
 
 
 # ---------------------------------------------------------------------------------------------------- writing
@@ -426,12 +469,26 @@ def _split(state_dict: Mapping[str, torch.Tensor], max_shard_bytes: int | None) 
     return shards
 
 
-def _cpu_tensors(state_dict: Mapping[str, torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
+Materialize = Callable[[str, torch.Tensor], torch.Tensor]
+"""``materialize(name, declared)`` → the tensor to write for ``name``, of ``declared``'s shape and dtype."""
+
+
+def _cpu_tensors(
+    state_dict: Mapping[str, torch.Tensor], names: list[str], materialize: Materialize | None = None
+) -> dict[str, torch.Tensor]:
     """Contiguous CPU tensors, each with its own storage (safetensors refuses tensors that share memory)."""
     tensors = {}
     seen: set[int] = set()
     for name in names:
-        tensor = state_dict[name].detach().to("cpu").contiguous()
+        tensor = state_dict[name]
+        if materialize is not None:
+            declared, tensor = tensor, materialize(name, tensor)
+            if tensor.shape != declared.shape or tensor.dtype != declared.dtype:
+                raise ValueError(
+                    f"materialize({name!r}) returned {tuple(tensor.shape)} {tensor.dtype}, the state dict declares "
+                    f"{tuple(declared.shape)} {declared.dtype}"
+                )
+        tensor = tensor.detach().to("cpu").contiguous()
         pointer = tensor.untyped_storage().data_ptr()
         if pointer in seen:
             tensor = tensor.clone()
@@ -445,6 +502,7 @@ def save_state_dict(
     directory: str | os.PathLike,
     max_shard_bytes: int | None = None,
     metadata: Mapping[str, str] | None = None,
+    materialize: Materialize | None = None,
 ) -> None:
     """Write ``state_dict`` in Hugging Face's layout, each file atomically.
 
@@ -452,9 +510,13 @@ def save_state_dict(
     ``model.safetensors.index.json`` (``metadata.total_size`` in bytes and ``weight_map``). ``metadata`` is the
     safetensors header metadata, ``{"format": "pt"}`` by default. Files of an earlier save into the same folder
     that the new layout does not use (an old index, old shards) are removed afterwards.
+
+    ``materialize(name, declared)``, when given, makes each tensor just before its shard is written, and
+    ``state_dict`` only declares shapes and dtypes (meta tensors will do): only one shard is ever in memory,
+    so a checkpoint larger than the RAM can be written (benchmarks/scale_7b.py writes Dimple-7B's shapes).
     """
     meta = [name for name, tensor in state_dict.items() if tensor.is_meta]
-    if meta:
+    if meta and materialize is None:
         raise ValueError(f"cannot save tensors on the meta device: {_listing(meta)}")
     if max_shard_bytes is not None and max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
@@ -468,8 +530,9 @@ def save_state_dict(
         file_names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
 
     for file_name, names in zip(file_names, shards):
-        tensors = _cpu_tensors(state_dict, names)
+        tensors = _cpu_tensors(state_dict, names, materialize)
         write_safetensors(directory / file_name, tensors, metadata=header)
+        del tensors  # before the next shard is made
     if len(shards) > 1:
         index = {
             "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state_dict.values())},

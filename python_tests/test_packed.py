@@ -11,7 +11,7 @@ from torch import nn
 
 import dimple_rt
 from dimple_rt.model.dimple import DimpleModel
-from dimple_rt.model.layers import Linear, cpu_has_bf16_gemm
+from dimple_rt.model.layers import Linear, cpu_has_bf16_gemm, inference_linears
 from dimple_rt.model.packed import PackedBf16Weight, pack_bf16_model, packed_linear
 from dimple_rt.testing.tiny_checkpoint import write_tiny_checkpoint
 from dimple_rt.weights import load_state_dict_into
@@ -70,8 +70,10 @@ def test_pack_bf16_model_packs_decoder_and_head_only(tmp_path) -> None:
     rt = dimple_rt.Runtime(checkpoint)  # fp32: nothing packed
     assert isinstance(rt.model.lm_head.weight, torch.Tensor)
     model = rt.model.to(torch.bfloat16)
-    count = pack_bf16_model(model)
-    linears = [m for root in (model.model, model.lm_head) for m in root.modules() if isinstance(m, Linear)]
-    assert count == len(linears) > 1
+    pack_bf16_model(model)
+    linears = [module for _, module in inference_linears(model)]
+    assert len(linears) > 1 and all(isinstance(m.weight, PackedBf16Weight) for m in linears)
+    assert isinstance(model.model.layers[0].mlp.gate_proj.weight, PackedBf16Weight)
+    pack_bf16_model(model)  # already packed: a no-op, not an error
     assert all(isinstance(m.weight, PackedBf16Weight) for m in linears)
-    assert pack_bf16_model(model) == 0  # already packed: nothing more to do
+    assert all(isinstance(p, torch.Tensor) for p in model.visual.parameters())  # the vision tower is not packed

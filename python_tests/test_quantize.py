@@ -14,15 +14,21 @@ quantization that were per tensor, 7-bit, or wrongly scaled misses it by a wide 
 
 from __future__ import annotations
 
+import gc
 import math
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import dimple_rt
+from dimple_rt.config import DimpleConfig
 from dimple_rt.model import layers, quant
+from dimple_rt.model.dimple import DimpleModel
+from dimple_rt.model.packed import PackedBf16Weight
 from dimple_rt.testing.tiny_checkpoint import write_tiny_checkpoint
+from dimple_rt.weights import load_state_dict_into
 
 # (leading dims, in_features, out_features): odd widths, one token, the benchmark canvas, a batch
 SHAPES = [((1,), 37, 23), ((65,), 37, 23), ((3, 7), 64, 129), ((1,), 896, 17), ((65,), 513, 255), ((2, 33), 31, 1)]
@@ -116,6 +122,26 @@ def test_bf16_activations_come_back_in_bf16() -> None:
     assert float((out.double() - exact).norm() / no_bias.norm()) <= 1.5 * _predicted(x.float(), w) + 2**-8
 
 
+def test_quantizing_in_row_chunks_is_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Int8Weight quantizes a few rows at a time (bounded fp32 temporaries, for 7B's 545 M-entry LM head);
+    every row has its own scale, so chunks of 3 rows (the last one short) give the same int8 weight and scales
+    as one chunk of everything, and leave the weight they read unchanged (an fp32 row chunk is the weight's own
+    memory, and a tied weight lives on in the embedding)."""
+    g = torch.Generator().manual_seed(5)
+    for dtype in (torch.bfloat16, torch.float32):
+        w = (torch.randn(40, 37, generator=g) * torch.logspace(-3, 2, 40)[:, None]).to(dtype)
+        before = w.clone()
+        with monkeypatch.context() as patch:
+            whole = quant.Int8Weight(w)
+            patch.setattr(quant, "_CHUNK_ELEMENTS", 3 * 37 + 5)
+            chunked = quant.Int8Weight(w)
+        assert torch.equal(w, before)
+        a, b = (torch.ops.quantized.linear_unpack(x.packed)[0] for x in (whole, chunked))
+        assert torch.equal(a.int_repr(), b.int_repr())
+        assert torch.equal(a.q_per_channel_scales(), b.q_per_channel_scales())
+        assert torch.equal(whole.dequantize(), chunked.dequantize())
+
+
 def test_empty_token_dimension() -> None:
     module = layers.Linear(8, 5)
     module.quantize_int8()
@@ -198,6 +224,57 @@ def test_memory_drops(tiny: Path) -> None:
     before, after = quant.weight_bytes(fp32.model), quant.weight_bytes(int8.model)
     assert before - after == 4 * entries - (entries + 12 * rows)
     assert sum(p.numel() for p in int8.model.parameters()) == sum(p.numel() for p in fp32.model.parameters()) - entries
+
+
+def _mapped_files(directory: Path) -> set[str]:
+    """The safetensors files of ``directory`` that this process has mapped."""
+    files = {str(path.resolve()) for path in directory.glob("*.safetensors")}
+    fields = (line.split(maxsplit=5) for line in Path("/proc/self/maps").read_text().splitlines())
+    return {f[5] for f in fields if len(f) == 6} & files
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_quantized_load_lets_the_mapped_float_weights_go(tmp_path: Path) -> None:
+    """bf16 stored and loaded as bf16: without quantization the weights are the files' mapped pages; with
+    int8 each file's linears are quantized as it is read and everything else copied out of it, so no file
+    stays mapped (nothing refers to the bf16 pages: Dimple-7B's 15.5 GiB leave the RSS), and the model is
+    the one quantize_model makes after a plain load, to the bit."""
+    path = write_tiny_checkpoint(tmp_path / "bf16", dtype=torch.bfloat16, max_shard_bytes=60_000)
+    assert len(list(path.glob("*.safetensors"))) >= 4
+    plain = _zero_copy_model(path)
+    assert _mapped_files(path)  # the control: zero-copy loading keeps them
+    del plain
+    gc.collect()
+    assert not _mapped_files(path)
+    int8 = dimple_rt.Runtime(path, dtype=torch.bfloat16, quantize="int8")
+    assert not _mapped_files(path)
+    after = dimple_rt.Runtime(path, dtype=torch.bfloat16)
+    after.model = _zero_copy_model(path)
+    quant.quantize_model(after.model, "int8")
+    assert quant.weight_bytes(after.model) == quant.weight_bytes(int8.model)
+    inputs = int8.prepare(_conversation())
+    assert torch.equal(int8.forward(**vars(inputs)), after.forward(**vars(inputs)))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+@pytest.mark.skipif(not layers.cpu_has_bf16_gemm(), reason="no native bf16 GEMM: a bf16 Runtime does not pack here")
+def test_packed_bf16_load_lets_the_mapped_weights_go(tmp_path: Path) -> None:
+    """A bf16 Runtime on a CPU with bf16 GEMM packs each file's linears as it is read (model/packed.py) and the
+    loader copies the rest out, so no file stays mapped: Dimple-7B's mapped pages do not sit next to the packed
+    copies."""
+    path = write_tiny_checkpoint(tmp_path / "bf16", dtype=torch.bfloat16, max_shard_bytes=60_000)
+    rt = dimple_rt.Runtime(path, dtype=torch.bfloat16)
+    assert not _mapped_files(path)
+    assert all(isinstance(module.weight, PackedBf16Weight) for _, module in layers.inference_linears(rt.model))
+
+
+def _zero_copy_model(path: Path) -> DimpleModel:
+    """The model as the loader leaves it, before any inference form: bf16 tensors on the files' pages."""
+    config = DimpleConfig.from_json_file(path / "config.json")
+    with torch.device("meta"):
+        model = DimpleModel(config)
+    load_state_dict_into(model, path, dtype=torch.bfloat16)
+    return model.eval()
 
 
 # Bad combinations ---------------------------------------------------------------------------------------------

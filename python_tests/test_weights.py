@@ -337,3 +337,84 @@ def test_non_persistent_buffer_needs_reset_buffers(tmp_path, state):
         model = NoReset()
     with pytest.raises(TypeError, match="NoReset has the non-persistent buffer 'table' on the meta device"):
         load_state_dict_into(model, tmp_path)
+
+
+# ------------------------------------------------------------------------------- writing shard by shard, after_file
+
+
+def test_materialize_writes_what_a_full_state_dict_writes_one_shard_at_a_time(tmp_path, state):
+    """A state dict of meta tensors plus ``materialize`` gives the same files as the real tensors, and each
+    shard's tensors are made only after the shard before is on disk."""
+    save_state_dict(state, tmp_path / "direct", max_shard_bytes=SHARD_BYTES)
+    declared = {name: torch.empty_like(tensor, device="meta") for name, tensor in state.items()}
+    made: list[tuple[str, int]] = []  # (name, shards on disk when it was made)
+
+    def materialize(name: str, meta: torch.Tensor) -> torch.Tensor:
+        assert meta.is_meta
+        made.append((name, len(list((tmp_path / "lazy").glob("model-*.safetensors")))))
+        return state[name].clone()
+
+    save_state_dict(declared, tmp_path / "lazy", max_shard_bytes=SHARD_BYTES, materialize=materialize)
+    assert [name for name, _ in made] == list(state)  # each once, in order
+    index = json.loads((tmp_path / "lazy" / "model.safetensors.index.json").read_text())
+    shard_of = {name: int(index["weight_map"][name][6:11]) for name in state}
+    assert all(on_disk == shard_of[name] - 1 for name, on_disk in made)
+    for path in sorted((tmp_path / "direct").iterdir()):
+        assert (tmp_path / "lazy" / path.name).read_bytes() == path.read_bytes(), path.name
+
+
+def test_materialize_must_keep_the_declared_shape_and_dtype(tmp_path, state):
+    declared = {name: torch.empty_like(tensor, device="meta") for name, tensor in state.items()}
+
+    def wrong(name: str, meta: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(meta.shape, dtype=torch.half) if name == "embed.weight" else state[name]
+
+    with pytest.raises(ValueError, match=r"materialize\('embed.weight'\) returned \(37, 24\) torch.float16"):
+        save_state_dict(declared, tmp_path, materialize=wrong)
+    with pytest.raises(ValueError, match=r"materialize\('step'\) returned \(2,\) torch.float32, the state dict decl"):
+        save_state_dict(declared, tmp_path, materialize=lambda name, meta: torch.zeros(2))
+
+
+def _mapped_ranges(directory: Path) -> list[tuple[int, int]]:
+    """Address ranges of this process's mappings of the safetensors files in ``directory``."""
+    files = {str(path.resolve()) for path in directory.glob("*.safetensors")}
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] in files:
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+@pytest.mark.parametrize("tie", [False, True])
+def test_after_file_sees_each_file_then_the_files_are_unmapped(tmp_path, state, tie):
+    """The hook runs once per file with the names that file provided (tied ones excluded), before the next file
+    is read; afterwards the tensors it did not replace have their own memory, the same values, and no mapping
+    of the checkpoint is left (without the hook the parameters stay the mapped pages: the test above)."""
+    if tie:
+        del state["lm_head.weight"]
+    save_state_dict(state, tmp_path, max_shard_bytes=SHARD_BYTES)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    model = meta_model(tie)
+    calls: list[list[str]] = []
+
+    def after_file(names: list[str]) -> None:
+        calls.append(names)
+        assert not getattr(*weights._owner(model, names[0])).is_meta
+        if "layers.0.weight" in names:  # replaced by the hook, as quantization replaces a weight
+            model.layers[0].weight = nn.Parameter(torch.full((DIM, DIM), 2.0))
+
+    load_state_dict_into(model, tmp_path, after_file=after_file)
+    files = sorted(set(index["weight_map"].values()))
+    tied = {"embed.weight"} if tie else set()
+    assert [sorted(names) for names in calls] == [
+        sorted(n for n in state if index["weight_map"][n] == f and n not in tied) for f in files
+    ]
+    assert _mapped_ranges(tmp_path) == []
+    assert bool((model.layers[0].weight == 2).all())
+    assert (model.lm_head.weight is model.embed.weight) == tie
+    for name, tensor in model.state_dict().items():
+        if name != "layers.0.weight":
+            torch.testing.assert_close(tensor, state["embed.weight" if tie and name == "lm_head.weight" else name])

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -95,6 +96,37 @@ class Linear(nn.Linear):
         if mode and isinstance(self.weight, PackedBf16Weight):
             raise ValueError("a Runtime's prepacked bf16 model is inference-only: it cannot be put in training mode")
         return super().train(mode)
+
+
+def inference_linears(model: nn.Module) -> Iterator[tuple[str, Linear]]:
+    """The linears an inference form replaces (int8, prepacked bf16), with their names in ``model``: the
+    decoder's (``model.model``) and the LM head. The vision tower and projector run once per image: not them."""
+    for prefix, root in (("model", model.model), ("lm_head", model.lm_head)):
+        for name, module in root.named_modules(prefix=prefix):
+            if isinstance(module, Linear):
+                yield name, module
+
+
+def convert_linears(model: nn.Module, convert: Callable[[Linear], None]) -> None:
+    """``convert`` every inference linear of ``model`` (``Linear.quantize_int8`` or ``Linear.pack_bf16``, no-ops
+    on a layer already converted) and switch the model to inference."""
+    model.eval()
+    for _, module in inference_linears(model):
+        convert(module)
+
+
+def convert_after_file(model: nn.Module, convert: Callable[[Linear], None]) -> Callable[[list[str]], None]:
+    """The loader's ``after_file`` hook (:func:`dimple_rt.weights.load_state_dict_into`) that converts each
+    inference linear as soon as the file holding its weight is read, so that the loader can unmap the file
+    before the next one: one file's float pages resident at a time, not the whole checkpoint's."""
+    targets = {f"{name}.weight": module for name, module in inference_linears(model)}
+
+    def convert_file(names: list[str]) -> None:
+        for name in names:
+            if name in targets:
+                convert(targets[name])
+
+    return convert_file
 
 
 class RMSNorm(nn.Module):

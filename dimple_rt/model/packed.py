@@ -17,6 +17,8 @@ the model inference-only, as int8 does.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -52,16 +54,17 @@ def packed_linear(x: torch.Tensor, weight: PackedBf16Weight, bias: torch.Tensor 
     return torch.ops.mkldnn._linear_pointwise(x, weight.packed, bias, "none", [], "")
 
 
-def pack_bf16_model(model: nn.Module) -> int:
-    """Prepack the bf16 weights of ``model``'s decoder linears (``model.model``) and LM head in place, freeing
-    the plain ones; returns how many were packed. The model is switched to inference."""
-    from .layers import Linear
+def pack_bf16_model(model: nn.Module) -> None:
+    """Prepack the bf16 weights of ``model``'s decoder linears and LM head in place, freeing the plain ones (a
+    no-op for those already packed, e.g. by :func:`pack_after_file`). The model is switched to inference."""
+    from .layers import Linear, convert_linears
 
-    model.eval()
-    count = 0
-    for root in (model.model, model.lm_head):
-        for module in root.modules():
-            if isinstance(module, Linear) and isinstance(module.weight, torch.Tensor):
-                module.pack_bf16()
-                count += 1
-    return count
+    convert_linears(model, Linear.pack_bf16)
+
+
+def pack_after_file(model: nn.Module) -> Callable[[list[str]], None]:
+    """The loader's ``after_file`` hook that packs each linear as soon as its file is read (the file is then
+    unmapped: a bf16 Dimple-7B keeps one file's mapped pages next to the packed weights, not all 15.5 GiB)."""
+    from .layers import Linear, convert_after_file
+
+    return convert_after_file(model, Linear.pack_bf16)

@@ -1,10 +1,10 @@
 # SPDX-License-Identifier: Apache-2.0
 """int8 linears on CPU: per-output-channel symmetric int8 weights, dynamic per-token int8 activations.
 
-``Runtime(..., quantize="int8")`` calls :func:`quantize_model` once, after the safetensors are loaded: every
-:class:`~dimple_rt.model.layers.Linear` of the decoder and the LM head gets an :class:`Int8Weight` in place of
-its float weight (which is freed), and :func:`~dimple_rt.model.layers.linear` (the one linear entry point)
-multiplies it with :func:`int8_linear`. Not quantized: the vision tower and the image projector (they run once
+``Runtime(..., quantize="int8")`` quantizes while the safetensors are loaded (:func:`quantize_after_file`, then
+:func:`quantize_model` for what is left): every :class:`~dimple_rt.model.layers.Linear` of the decoder and the
+LM head gets an :class:`Int8Weight` in place of its float weight (which is freed, and its file unmapped), and
+:func:`~dimple_rt.model.layers.linear` (the one linear entry point) multiplies it with :func:`int8_linear`. Not quantized: the vision tower and the image projector (they run once
 per image, a few percent of a request's time, and every answer token reads their output), the embedding table
 (a gather, no arithmetic), norms and attention.
 
@@ -43,13 +43,16 @@ import ctypes
 import gc
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
 QUANTIZE_MODES = ("int8",)
 ENGINE = "x86"
+_CHUNK_ELEMENTS = 1 << 22
+"""Weight entries quantized at a time: bounds the fp32 temporaries to 16 MiB each (Dimple-7B's LM head has 545 M
+entries: unchunked, its fp32 copy and quotient alone would take 4.4 GB at load)."""
 
 
 @contextlib.contextmanager
@@ -80,10 +83,14 @@ class Int8Weight:
     def __init__(self, weight: torch.Tensor) -> None:
         if weight.dim() != 2 or not weight.is_floating_point():
             raise TypeError(f"Int8Weight needs a 2-D float weight, got {tuple(weight.shape)} {weight.dtype}")
-        w32 = weight.detach().float()
-        scale = w32.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127  # (out,)
-        q = torch.round(w32 / scale[:, None]).clamp_(-127, 127).to(torch.int8)  # (out, in)
-        del w32
+        rows = max(1, _CHUNK_ELEMENTS // max(1, weight.shape[1]))
+        scale = torch.empty(weight.shape[0], dtype=torch.float32)  # (out,)
+        q = torch.empty(weight.shape, dtype=torch.int8)  # (out, in)
+        for start in range(0, weight.shape[0], rows):  # row by row is exact: each row has its own scale
+            w32 = weight.detach()[start : start + rows].float()
+            part = w32.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127
+            q[start : start + rows] = torch.round(w32 / part[:, None]).clamp_(-127, 127)  # w32 may be weight
+            scale[start : start + rows] = part
         zero_points = torch.zeros(q.shape[0], dtype=torch.long)
         with warnings.catch_warnings():  # torch 2.13 deprecates quantized tensors; see the module docstring
             warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*deprecated")
@@ -125,12 +132,16 @@ def int8_linear(x: torch.Tensor, weight: Int8Weight, bias: torch.Tensor | None =
     return out.to(x.dtype)
 
 
+def _check_mode(quantize: str) -> None:
+    if quantize not in QUANTIZE_MODES:
+        raise ValueError(f"quantize must be None or one of {QUANTIZE_MODES}, got {quantize!r}")
+
+
 def check_quantize(quantize: str | None, dtype: torch.dtype, device: torch.device) -> None:
     """ValueError/TypeError naming the option for a combination :func:`quantize_model` cannot run."""
     if quantize is None:
         return
-    if quantize not in QUANTIZE_MODES:
-        raise ValueError(f"quantize must be None or one of {QUANTIZE_MODES}, got {quantize!r}")
+    _check_mode(quantize)
     if device.type != "cpu":
         raise ValueError(f"quantize={quantize!r} is not implemented on {device.type!r}: it runs on CPU only")
     if dtype not in (torch.float32, torch.bfloat16):
@@ -141,18 +152,29 @@ def check_quantize(quantize: str | None, dtype: torch.dtype, device: torch.devic
 def quantize_model(model: nn.Module, quantize: str | None) -> None:
     """Quantize ``model``'s decoder linears (``model.model``) and LM head (``model.lm_head``) in place; the float
     weights are dropped. The model is switched to inference: training it afterwards raises ValueError."""
-    from .layers import Linear
+    from .layers import Linear, convert_linears
 
     if quantize is None:
         return
-    if quantize not in QUANTIZE_MODES:
-        raise ValueError(f"quantize must be None or one of {QUANTIZE_MODES}, got {quantize!r}")
-    model.eval()
-    for root in (model.model, model.lm_head):
-        for module in root.modules():
-            if isinstance(module, Linear):
-                module.quantize_int8()
+    _check_mode(quantize)
+    convert_linears(model, Linear.quantize_int8)  # a no-op for those :func:`quantize_after_file` did
     release_freed_heap()
+
+
+def quantize_after_file(model: nn.Module, quantize: str | None) -> Callable[[list[str]], None] | None:
+    """The loader's ``after_file`` hook (:func:`dimple_rt.weights.load_state_dict_into`) for ``quantize``: it
+    quantizes each linear that :func:`quantize_model` would, as soon as the file holding its weight is read.
+
+    The loader then copies that file's other tensors out of its mapping and the file is unmapped, so loading
+    Dimple-7B with int8 keeps one file's bf16 pages resident at a time instead of all 15.5 GiB of them.
+    None (no hook) without ``quantize``; a tied weight is left to :func:`quantize_model`.
+    """
+    from .layers import Linear, convert_after_file
+
+    if quantize is None:
+        return None
+    _check_mode(quantize)
+    return convert_after_file(model, Linear.quantize_int8)
 
 
 def release_freed_heap() -> None:
