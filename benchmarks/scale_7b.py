@@ -16,9 +16,9 @@
    the GEMM rate of dimple_rt's ``linear`` at 2048³ in bf16 and int8 on the run's threads.
 3. ``bf16`` worker, a fresh process (its RSS is the load's alone): ``Runtime(path, dtype=bf16)`` (mmap, no
    copy: the parameters are the files' pages) and ``--forwards`` full forwards of the prompt.
-4. ``fast`` worker, a fresh process: the fast preset's Runtime (until ``preset="fast"`` exists: bf16 with
-   ``quantize="int8"``, see :func:`fast_options`), the same forwards, then a 16-token ``generate`` with the
-   preset's options (Fast-dLLM's dual cache).
+4. ``fast`` worker, a fresh process: ``Runtime(path, preset="fast", dtype=bf16)`` (int8 linears, see
+   :func:`fast_options`), the same forwards, then a 16-token ``generate`` with the preset's options (Fast-dLLM's
+   dual cache in blocks of 8).
 
 The prompt: one 224×224 image (64 image tokens) and a question, ~100 tokens (``--text-only`` drops the image).
 RSS is read from /proc/self/status: VmHWM (peak), RssAnon (the process's own memory) and RssFile (mapped
@@ -63,15 +63,14 @@ GIB = 1 << 30
 DEFAULT_DIR = Path("/work/tmp-scale7b")
 NAME = "Dimple-7B-random-bf16"
 STD = 0.02  # DimpleConfig.initializer_range
-FAST_GENERATE = {"pipeline": "fast_dllm", "cache": "dual", "block_length": 8}  # threshold: Fast-dLLM's 0.9
 QUESTION = "Which shapes and colours are there?"
 
 
 def fast_options(args: argparse.Namespace) -> tuple[dict, dict]:
-    """Runtime options and generate options of the fast preset. Until ``Runtime(..., preset="fast")`` is
-    merged they are spelled out from the command line; then this is the one line to change, to
-    ``return {"preset": "fast"}, {}``."""
-    return {"dtype": torch.bfloat16, "quantize": args.quantize}, json.loads(args.generate)
+    """Runtime options and generate options of the fast run: ``Runtime(path, preset="fast", dtype=bf16)`` (int8
+    linears; the vision tower, embeddings and attention in the checkpoint's bf16) and the preset's decoding
+    options, unless ``--generate`` gives others (JSON)."""
+    return {"dtype": torch.bfloat16, "preset": "fast"}, json.loads(args.generate)
 
 
 # ---------------------------------------------------------------------------------------------- the checkpoint
@@ -217,7 +216,7 @@ def cpu_isa() -> str:
 
 def run_worker(mode: str, path: Path, args: argparse.Namespace) -> dict:
     command = [sys.executable, __file__, "--worker", mode, "--dir", str(path), "--threads", str(args.threads)]
-    command += ["--forwards", str(args.forwards), "--quantize", args.quantize, "--generate", args.generate]
+    command += ["--forwards", str(args.forwards), "--generate", args.generate]
     command += ["--text-only"] if args.text_only else []
     out = subprocess.run(command, check=False, capture_output=True, text=True, timeout=args.worker_timeout)
     if out.returncode != 0:
@@ -313,8 +312,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--forwards", type=int, default=2, help="timed full forwards per worker")
     parser.add_argument("--shard-gib", type=float, default=3.0)
     parser.add_argument("--modes", default="bf16,fast", help="workers to run, in order")
-    parser.add_argument("--quantize", default="int8", help="the fast preset's quantize, until preset='fast'")
-    parser.add_argument("--generate", default=json.dumps(FAST_GENERATE), help="the fast preset's generate options")
+    parser.add_argument("--generate", default="{}", help="generate options over the fast preset's (JSON)")
     parser.add_argument("--text-only", action="store_true", help="no image in the prompt")
     parser.add_argument("--min-available-gib", type=float, default=20.0)
     parser.add_argument("--worker-timeout", type=float, default=1800.0)

@@ -99,7 +99,9 @@ class ScriptedEngine:
             canvas = sequence.canvas.clone()
             canvas[i] = i % END
             finished = i == script["steps"] - 1  # type: ignore[index]
-            sequence.last_step = Step(i, torch.cat([torch.zeros(3, dtype=torch.long), canvas])[None], 1, finished)
+            sequences = torch.cat([torch.zeros(3, dtype=torch.long), canvas])[None]
+            position, confidence = torch.tensor([[0, i]]), torch.ones(1)
+            sequence.last_step = Step(i, sequences, 1, position, confidence, last=finished)
             sequence.forwards, sequence.finished = i + 1, finished
         self.log.append([script["name"] for script in scripts])  # type: ignore[index]
         self.forwards = [Forward("cached", len(stepped), len(stepped), 0.0)]
