@@ -50,7 +50,7 @@ import torch
 import dimple_rt
 from dimple_rt.config import DimpleConfig, VisionConfig
 from dimple_rt.io import write_json
-from dimple_rt.model import layers, quant
+from dimple_rt.model import layers
 from dimple_rt.model.dimple import DimpleModel
 from dimple_rt.processor import ImageProcessor
 from dimple_rt.testing.tiny_tokenizer import write_tiny_tokenizer
@@ -143,11 +143,11 @@ def read_bytes_and_params(rt: dimple_rt.Runtime, image: bool) -> tuple[int, int,
     model = rt.model
     head = model.lm_head.weight
     text = [*model.model.layers.parameters(), *model.model.norm.parameters()]
-    text += [head] if isinstance(head, torch.Tensor) else []  # not when it is an int8 weight
+    text += [head] if isinstance(head, torch.Tensor) else []  # not when it is an int8 or packed weight
     vision = [*model.visual.parameters(), *model.img_projector.parameters()] if image else []
-    int8 = [m.weight for m in model.modules() if isinstance(getattr(m, "weight", None), quant.Int8Weight)]
-    read = sum(p.numel() * p.element_size() for p in (*text, *vision)) + sum(w.nbytes for w in int8)
-    text_params = sum(p.numel() for p in text) + sum(w.shape.numel() for w in int8)
+    forms = [w for _, m in layers.inference_linears(model) if not isinstance(w := m.weight, torch.Tensor)]
+    read = sum(p.numel() * p.element_size() for p in (*text, *vision)) + sum(w.nbytes for w in forms)
+    text_params = sum(p.numel() for p in text) + sum(w.shape.numel() for w in forms)
     return read, text_params, sum(p.numel() for p in vision)
 
 
