@@ -19,18 +19,11 @@ from __future__ import annotations
 import pytest
 import test_masked_attention as tma
 import torch
+from _cuda import CUDA_ONLY, DEVICE
 
 from dimple_rt import ops
 
-pytestmark = [
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (torch.cuda.is_available() is False)"),
-    pytest.mark.skipif(
-        not ops.cuda_kernels_built(),
-        reason="dimple_rt._C was built without CUDA kernels (needs a CUDA torch and nvcc at build time)",
-    ),
-]
-
-DEVICE = "cuda"
+pytestmark = CUDA_ONLY
 SPLITS_ENV = "DIMPLE_RT_ATTENTION_SPLITS"
 DTYPES = tma.DTYPES
 

@@ -15,18 +15,11 @@ import test_confident_select as tcs
 import test_kv_cache_write as tkv
 import test_masked_attention as tma
 import torch
+from _cuda import CUDA_ONLY, DEVICE
 
 from dimple_rt import ops, reference
 
-pytestmark = [
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (torch.cuda.is_available() is False)"),
-    pytest.mark.skipif(
-        not ops.cuda_kernels_built(),
-        reason="dimple_rt._C was built without CUDA kernels (needs a CUDA torch and nvcc at build time)",
-    ),
-]
-
-DEVICE = "cuda"
+pytestmark = CUDA_ONLY
 
 
 def _cuda(value):

@@ -17,18 +17,11 @@ import math
 import pytest
 import test_confident_select as tcs
 import torch
+from _cuda import CUDA_ONLY, DEVICE
 
 from dimple_rt import ops, reference
 
-pytestmark = [
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (torch.cuda.is_available() is False)"),
-    pytest.mark.skipif(
-        not ops.cuda_kernels_built(),
-        reason="dimple_rt._C was built without CUDA kernels (needs a CUDA torch and nvcc at build time)",
-    ),
-]
-
-DEVICE = "cuda"
+pytestmark = CUDA_ONLY
 # Modes that reach each kernel path: the one-pass greedy, the rows kernel with/without each filter.
 PATH_MODES = ["greedy", "greedy_filtered_conf", "sample", "sample_top_p", "sample_top_k", "sample_both"]
 
