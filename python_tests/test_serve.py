@@ -27,7 +27,10 @@ import pytest
 import uvicorn
 
 from dimple_rt import Runtime
+from dimple_rt.presets import PRESETS
 from dimple_rt.serve import Scheduler, create_app
+from dimple_rt.serve.errors import APIError
+from dimple_rt.serve.schemas import parse_chat_request
 from dimple_rt.tiny import tasks
 
 MODEL = "dimple-tiny"
@@ -591,3 +594,14 @@ def test_still_healthy_after_everything(server: Server, client: openai.OpenAI) -
     assert health == {"status": "ok", "model": MODEL, "queue_depth": 0, "batch_size": 0}
     reply = client.chat.completions.create(model=MODEL, messages=_request(_example(0)), max_tokens=MAX_TOKENS)
     assert reply.choices[0].message.content
+
+
+def test_request_options_are_checked_over_the_servers_preset() -> None:
+    """A server started with preset="fast" takes block options alone (its preset supplies the pipeline); without
+    a preset the same request is a 400 naming the option."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "dimple": {"block_length": 4}}
+    request = parse_chat_request(body, model_name=MODEL, preset=PRESETS["fast"])
+    assert request.options == {"block_length": 4}
+    with pytest.raises(APIError) as error:
+        parse_chat_request(body, model_name=MODEL)
+    assert error.value.param == "dimple.block_length"

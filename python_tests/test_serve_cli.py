@@ -17,7 +17,8 @@ import pytest
 from dimple_rt.cli import main
 
 GRACE = 3.0
-SERVE_OPTIONS = ("--host", "--port", "--max-batch", "--max-queue", "--api-key", "--image-dir", "--timeout")
+SERVE_OPTIONS = ("--host", "--port", "--max-batch", "--max-queue", "--api-key", "--image-dir", "--timeout", "--preset")
+SERVE_OPTIONS += ("--quantize", "--dtype", "--device", "--backend")
 
 
 def test_serve_help_lists_its_options(capsys: pytest.CaptureFixture[str]) -> None:
