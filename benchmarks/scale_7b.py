@@ -53,6 +53,7 @@ from dimple_rt.io import write_json
 from dimple_rt.model import layers
 from dimple_rt.model.dimple import DimpleModel
 from dimple_rt.processor import ImageProcessor
+from dimple_rt.testing.tiny_checkpoint import special_token_fields
 from dimple_rt.testing.tiny_tokenizer import write_tiny_tokenizer
 from dimple_rt.weights import INDEX_NAME, save_state_dict
 
@@ -79,14 +80,7 @@ def fast_options(args: argparse.Namespace) -> tuple[dict, dict]:
 def seven_b_config(special_ids: dict[str, int]) -> DimpleConfig:
     """Dimple-7B's config (the dataclass defaults are its values) with the test tokenizer's special ids."""
     return DimpleConfig(
-        mask_token_id=special_ids["<|mask|>"],
-        pad_token_id=special_ids["<|endoftext|>"],
-        bos_token_id=special_ids["<|endoftext|>"],
-        eos_token_id=special_ids["<|endoftext|>"],
-        image_token_id=special_ids["<|image_pad|>"],
-        video_token_id=special_ids["<|video_pad|>"],
-        vision_start_token_id=special_ids["<|vision_start|>"],
-        vision_end_token_id=special_ids["<|vision_end|>"],
+        **special_token_fields(special_ids),
         torch_dtype="bfloat16",
         vision_config=VisionConfig(),
     )

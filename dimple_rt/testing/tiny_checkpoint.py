@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,21 @@ class TinySizes:
     min_pixels: int = 3136
 
 
+def special_token_fields(special_ids: Mapping[str, int]) -> dict[str, int]:
+    """DimpleConfig's special-token id fields from the test tokenizer's ids (``write_tiny_tokenizer``'s)."""
+    end = special_ids["<|endoftext|>"]
+    return {
+        "mask_token_id": special_ids["<|mask|>"],
+        "pad_token_id": end,
+        "bos_token_id": end,
+        "eos_token_id": end,
+        "image_token_id": special_ids["<|image_pad|>"],
+        "video_token_id": special_ids["<|video_pad|>"],
+        "vision_start_token_id": special_ids["<|vision_start|>"],
+        "vision_end_token_id": special_ids["<|vision_end|>"],
+    }
+
+
 def _mrope_section(head_dim: int) -> list[int]:
     """Split head_dim/2 rotary pairs over (t, h, w) in Dimple's 16:24:24 proportion."""
     pairs = head_dim // 2
@@ -71,14 +87,7 @@ def tiny_config(special_ids: dict[str, int], vocab_size: int, sizes: TinySizes, 
         num_attention_heads=sizes.num_attention_heads,
         num_key_value_heads=sizes.num_key_value_heads,
         max_position_embeddings=4096,
-        mask_token_id=special_ids["<|mask|>"],
-        pad_token_id=special_ids["<|endoftext|>"],
-        bos_token_id=special_ids["<|endoftext|>"],
-        eos_token_id=special_ids["<|endoftext|>"],
-        image_token_id=special_ids["<|image_pad|>"],
-        video_token_id=special_ids["<|video_pad|>"],
-        vision_start_token_id=special_ids["<|vision_start|>"],
-        vision_end_token_id=special_ids["<|vision_end|>"],
+        **special_token_fields(special_ids),
         mrope_section=_mrope_section(head_dim),
         vision_config=vision_config,
     )
