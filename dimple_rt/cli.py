@@ -33,7 +33,7 @@ import torch
 
 from dimple_rt import __version__
 from dimple_rt.config import ALG_CONFIDENCE, BLOCK_STARTS, CACHES, PIPELINES, GenerationConfig
-from dimple_rt.presets import PRESETS, preset_named
+from dimple_rt.presets import PRESETS, options_over_preset, preset_named
 
 if TYPE_CHECKING:
     from dimple_rt.runtime import GenerationResult
@@ -164,7 +164,7 @@ def generation_options(args: argparse.Namespace) -> dict[str, Any]:
 def _config_of(options: dict[str, Any], preset: str | None, canvas_tokens: int | None = None) -> GenerationConfig:
     """The GenerationConfig that generate keywords make over ``preset``'s options (its warnings are generate's
     to give)."""
-    fields = {**(preset_named(preset).options if preset else {}), **options}
+    fields = options_over_preset(options, preset_named(preset))
     fields = {name: value for name, value in fields.items() if name in GENERATION_FIELDS}
     if canvas_tokens is not None:
         fields["max_new_tokens"] = canvas_tokens

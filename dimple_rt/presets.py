@@ -71,3 +71,11 @@ def preset_named(name: str | None) -> Preset | None:
     if not isinstance(name, str) or name not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)} or None, got {name!r}")
     return PRESETS[name]
+
+
+def options_over_preset(options: Mapping[str, Any], default: Preset | None) -> dict[str, Any]:
+    """``options`` over a preset's: the preset named by their ``"preset"`` key (which is removed), else
+    ``default``. The one place where a call's options and a preset's meet (Runtime, CLI, server)."""
+    options = dict(options)
+    preset = preset_named(options.pop("preset")) if "preset" in options else default
+    return {**(preset.options if preset is not None else {}), **options}

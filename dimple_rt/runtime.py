@@ -22,7 +22,7 @@ from .model.dimple import DimpleModel
 from .model.layers import cpu_has_bf16_gemm
 from .model.packed import pack_after_file, pack_bf16_model
 from .model.quant import check_quantize, quantize_after_file, quantize_model
-from .presets import Preset, preset_named
+from .presets import Preset, options_over_preset, preset_named
 from .processor import VIDEO_INPUT_KEYS, ImageProcessor, check_no_video, expand_image_placeholder_ids
 from .tokenizer import DimpleTokenizer
 from .weights import load_state_dict_into, resolve_dtype, resolve_model
@@ -305,9 +305,7 @@ class Runtime:
         vision tower took. ``options`` may carry the pre-tokenised ``input_ids``, ``attention_mask``,
         ``pixel_values``, ``image_grid_thw`` (video inputs are refused by name) and a ``preset`` name (default:
         the Runtime's) whose options the others override; the rest are GenerationConfig fields."""
-        preset = preset_named(options.pop("preset")) if "preset" in options else self.preset
-        if preset is not None:
-            options = {**preset.options, **options}
+        options = options_over_preset(options, self.preset)
         tensors = {key: options.pop(key) for key in (*MODEL_INPUT_FIELDS, *VIDEO_INPUT_KEYS) if key in options}
         tensors = {key: value for key, value in tensors.items() if value is not None}
         model_inputs = self._model_inputs(inputs, tensors, parse_special_tokens)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from dimple_rt.config import MAX_NEW_TOKENS, GenerationConfig, check_int
-from dimple_rt.presets import Preset, preset_named
+from dimple_rt.presets import Preset, options_over_preset
 
 from .errors import APIError, bad_request
 from .images import DEFAULT_LIMITS, ImageLimits, load_request_image
@@ -227,18 +227,14 @@ def _check(check: Any, param: str) -> None:
 def _check_options(request: ChatRequest, preset: Preset | None) -> None:
     """GenerationConfig validates every option over the preset's (the request's own, else the server's); its
     message names the option, which becomes the param."""
-    options = dict(request.options)
-    if "preset" in options:
-        try:
-            preset = preset_named(options.pop("preset"))
-        except ValueError as err:
-            raise bad_request(str(err), "dimple.preset") from None
+    try:
+        options = options_over_preset(request.options, preset)
+    except ValueError as err:  # only a bad preset name can fail here
+        raise bad_request(str(err), "dimple.preset") from None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # e.g. entropy + threshold: allowed, it only warns
         try:
-            GenerationConfig(
-                max_new_tokens=request.max_tokens or 1, **{**(preset.options if preset else {}), **options}
-            )
+            GenerationConfig(max_new_tokens=request.max_tokens or 1, **options)
         except (ValueError, TypeError) as err:
             message = str(err)
             name = re.match(r"\w+", message)
