@@ -210,20 +210,18 @@ def test_stream_canvas_events_and_sse_framing(server: Server, runtime: Runtime) 
     assert text == expected.text
 
 
-def test_fast_dllm_options_reach_the_runtime(client: openai.OpenAI, runtime: Runtime) -> None:
-    example = _example(3)
-    options = {"pipeline": "fast_dllm", "cache": "block", "block_length": 4, "early_stop": True}
-    reply = client.chat.completions.create(
-        model=MODEL, messages=_request(example), max_tokens=MAX_TOKENS, extra_body={"dimple": options}
-    )
-    expected = runtime.generate(_conversation(example), max_new_tokens=MAX_TOKENS, **options)
-    assert reply.choices[0].message.content == expected.text
-    assert reply.model_extra["dimple"]["forward_passes"] == expected.num_forward_passes
-
-
-def test_a_preset_reaches_the_runtime(client: openai.OpenAI, runtime: Runtime) -> None:
-    example = _example(4)
-    options = {"preset": "fast", "block_length": 4}
+@pytest.mark.parametrize(
+    "example_index, options",
+    [
+        (3, {"pipeline": "fast_dllm", "cache": "block", "block_length": 4, "early_stop": True}),
+        (4, {"preset": "fast", "block_length": 4}),
+    ],
+    ids=["fast_dllm options", "a preset"],
+)
+def test_dimple_options_reach_the_runtime(
+    client: openai.OpenAI, runtime: Runtime, example_index: int, options: dict
+) -> None:
+    example = _example(example_index)
     reply = client.chat.completions.create(
         model=MODEL, messages=_request(example), max_tokens=MAX_TOKENS, extra_body={"dimple": options}
     )
